@@ -1,0 +1,130 @@
+"""VPT semantics: where prompts go, what they replace, what trains, how many parameters."""
+import math
+
+import pytest
+import torch
+
+from vapt_min.prompts import DeepPrompts, PromptedViT, ShallowPrompts, prompt_init_bound
+from vapt_min.vit import ViT
+
+P, D, L = 4, 48, 3
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return ViT(img_size=32, patch_size=8, dim=D, depth=L, num_heads=3, num_classes=0)
+
+
+def block_inputs(model, x):
+    """The sequence entering every block, captured with forward pre-hooks."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone())) for b in model.vit.blocks]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_token_layout_and_no_position_embedding_on_prompts():
+    vit = tiny_vit()
+    model = PromptedViT(vit, 5, DeepPrompts(P, D, L, 8)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seq = block_inputs(model, x)[0]                                       # (B, 1+P+N, D)
+    assert seq.shape == (2, 1 + P + 16, D)
+    tokens = vit.embed(x)                                                 # [CLS | patches] + pos
+    torch.testing.assert_close(seq[:, :1], tokens[:, :1])                 # CLS first
+    torch.testing.assert_close(seq[:, 1:1 + P], model.generator.prompts[0].expand(2, -1, -1))  # raw prompts: no pos
+    torch.testing.assert_close(seq[:, 1 + P:], tokens[:, 1:])            # patches last
+
+
+def test_deep_prompts_replace_previous_outputs():
+    model = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8)).eval()
+    seqs = block_inputs(model, torch.randn(2, 3, 32, 32))
+    for i, seq in enumerate(seqs):
+        torch.testing.assert_close(seq[:, 1:1 + P], model.generator.prompts[i].expand(2, -1, -1))
+
+
+def test_shallow_prompts_are_carried():
+    model = PromptedViT(tiny_vit(), 5, ShallowPrompts(P, D, 8)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seqs = block_inputs(model, x)
+    out0 = model.vit.blocks[0](seqs[0])
+    torch.testing.assert_close(seqs[1][:, 1:1 + P], out0[:, 1:1 + P])    # block 1 sees block 0's prompt outputs
+    torch.testing.assert_close(seqs[0][:, 1:1 + P], model.generator.prompts.expand(2, -1, -1))
+
+
+def test_linear_probe_equals_frozen_features():
+    vit = tiny_vit()
+    model = PromptedViT(vit, 5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, aux = model.forward_features(x)
+        torch.testing.assert_close(feats, vit.forward_features(x))
+    assert aux == {}
+
+
+@pytest.mark.parametrize("method", ["shallow", "deep", "linear", "full"])
+def test_parameter_counts_and_trainable_set(method):
+    vit, C = tiny_vit(), 5
+    gen = {"shallow": ShallowPrompts(P, D, 8), "deep": DeepPrompts(P, D, L, 8)}.get(method)
+    model = PromptedViT(vit, C, gen, train_backbone=method == "full")
+    backbone = sum(p.numel() for p in vit.parameters())
+    prompts = {"shallow": P * D, "deep": L * P * D, "linear": 0, "full": 0}[method]
+    trainable, total = model.param_counts()
+    assert trainable == prompts + D * C + C + (backbone if method == "full" else 0)
+    assert total == backbone + prompts + D * C + C
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if method != "full":
+        assert names == {"head.weight", "head.bias"} | ({"generator.prompts"} if gen else set())
+    assert model.param_summary().startswith(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: ")
+
+
+def test_vit_b16_deep_prompt_count():
+    assert sum(p.numel() for p in DeepPrompts(10, 768, 12, 16).parameters()) == 92_160   # L·P·D
+    assert sum(p.numel() for p in ShallowPrompts(10, 768, 16).parameters()) == 7_680     # P·D
+
+
+def test_init_range():
+    bound = prompt_init_bound(16, 768)
+    assert bound == pytest.approx(math.sqrt(6 / (3 * 16 * 16 + 768)))
+    w = DeepPrompts(50, 768, 12, 16).prompts
+    assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound  # uniform over the whole range
+    assert abs(w.mean().item()) < 0.01 * bound  # centred on 0
+
+
+def test_backbone_frozen_and_in_eval_mode_while_training():
+    model = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8), prompt_dropout=0.5).train()
+    assert model.training and model.generator.training and not model.vit.training
+    assert not any(m.training for m in model.vit.modules())
+    logits, _ = model(torch.randn(2, 3, 32, 32))
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.vit.parameters())
+    assert model.generator.prompts.grad is not None and model.head.weight.grad is not None
+    full = PromptedViT(tiny_vit(), 5, train_backbone=True).train()
+    assert full.vit.training
+
+
+def test_prompt_dropout_only_while_training():
+    model = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8), prompt_dropout=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    a, b = block_inputs(model, x)[0], block_inputs(model, x)[0]
+    assert not torch.equal(a[:, 1:1 + P], b[:, 1:1 + P])                     # dropout masks differ
+    torch.testing.assert_close(a[:, 1 + P:], b[:, 1 + P:])                   # patches untouched
+    model.eval()
+    torch.testing.assert_close(model(x)[0], model(x)[0])
+
+
+def test_attention_maps_include_prompts():
+    model = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8)).eval()
+    maps = model.attention_maps(torch.randn(2, 3, 32, 32))
+    assert len(maps) == L and maps[0].shape == (2, 3, 1 + P + 16, 1 + P + 16)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="num_prompts"):
+        DeepPrompts(0, D, L, 8)
+    with pytest.raises(ValueError, match="num_classes"):
+        PromptedViT(tiny_vit(), 0)
+    with pytest.raises(ValueError, match="full fine-tuning"):
+        PromptedViT(tiny_vit(), 5, ShallowPrompts(P, D, 8), train_backbone=True)

@@ -1,0 +1,164 @@
+"""The training CLI end to end on real data (tiny budgets), presets, checkpoints, resume and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import need
+from vapt_min import train as T
+from vapt_min.data import data_root
+
+REPO = Path(__file__).resolve().parents[1]
+# A few real images at 32 px (2×2 patches): seconds per run, every code path of the loop.
+TINY = ["--n-train", "40", "--n-val", "20", "--test-cap", "40", "--img-size", "32", "--batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def real():
+    need(data_root() / "cifar10" / "train")
+    need(data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "model.safetensors")
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vapt_min.train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_short_run_writes_everything(real, tmp_path):
+    out = tmp_path / "run"
+    r = cli("--max-steps", "7", "--out", str(out), *TINY)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("trainable params: 24,970 || all params: 5,549,386 || trainable%: 0.4500")  # 12·10·192 + 192·10 + 10
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 7  # 40 images / 8 = 5 steps per epoch → stops at 7
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("best_val_acc", "last_val_acc", "test_acc", "trainable_params", "total_params", "wall_time_s", "train_img_per_s"):
+        assert key in s
+    assert s["trainable_params"] == 24_970 and 0 <= s["test_acc"] <= 1
+    assert set(json.loads((out / "config.json").read_text())) == {f.name for f in T.fields(T.Config)}
+    assert "| vpt-deep | cifar10 | 0 |" in r.stdout
+
+
+def test_checkpoint_holds_only_trainable_tensors_and_reloads_to_identical_logits(real, tmp_path, monkeypatch):
+    built = []
+    orig = T.build_model
+    monkeypatch.setattr(T, "build_model", lambda *a, **k: built.append(orig(*a, **k)) or built[-1])
+    cfg = T.config_from_args(["--max-steps", "2", "--out", str(tmp_path / "r"), *TINY])
+    T.train(cfg)
+    model = built[0].eval()
+    from safetensors.torch import load_file
+    assert set(load_file(str(tmp_path / "r" / "last.safetensors"))) == {"generator.prompts", "head.weight", "head.bias"}
+    reloaded, cfg2 = T.load_run(tmp_path / "r")
+    assert cfg2 == cfg
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x)[0], model(x)[0])
+
+
+def test_backbone_in_eval_mode_inside_train(real, tmp_path, monkeypatch):
+    modes = []
+    orig = T.build_model
+
+    def spy(*a, **k):
+        m = orig(*a, **k)
+        m.vit.blocks[0].register_forward_pre_hook(lambda mod, args: modes.append((mod.training, m.training)))
+        return m
+    monkeypatch.setattr(T, "build_model", spy)
+    T.train(T.config_from_args(["--max-steps", "2", "--out", str(tmp_path / "r"), *TINY]))
+    assert (False, True) in modes            # a training step: the wrapper trains, the frozen backbone does not
+    assert all(block is False for block, _ in modes)
+
+
+@pytest.mark.parametrize("method,trainable", [("linear", 1_930), ("vpt-shallow", 3_850), ("full", 5_524_416 + 1_930)])  # backbone without its ImageNet head + ours
+def test_methods_train_what_they_should(real, tmp_path, method, trainable):
+    s = T.train(T.config_from_args(["--method", method, "--max-steps", "1", "--out", str(tmp_path / method), *TINY]))
+    assert s["trainable_params"] == trainable
+
+
+def test_same_seed_same_metrics(real, tmp_path):
+    a = T.train(T.config_from_args(["--max-steps", "4", "--out", str(tmp_path / "a"), *TINY]))
+    b = T.train(T.config_from_args(["--max-steps", "4", "--out", str(tmp_path / "b"), *TINY]))
+    ra, rb = (T.Path(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in "ab")
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"} for r in rows]
+    assert strip(ra) == strip(rb) and a["test_acc"] == b["test_acc"]
+
+
+def test_kill_and_resume_matches_uninterrupted_run(real, tmp_path):
+    args = ["--epochs", "3", "--n-train", "160", "--n-val", "20", "--test-cap", "40", "--img-size", "64", "--batch-size", "16", "--no-progress"]
+    full = cli("--out", str(tmp_path / "full"), *args)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "vapt_min.train", "--out", str(out), *args], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "train_state.pt").exists() and (out / "metrics.jsonl").exists()):
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) < 3, "the run finished before it could be killed; make the epochs longer"
+    r = cli("--resume", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "epoch_time_s"} for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert strip(out) == strip(tmp_path / "full")
+
+
+def test_presets_and_overrides():
+    assert T.config_from_args([]) == T.Config()
+    paper = T.config_from_args(["--preset", "paper"])
+    assert (paper.img_size, paper.epochs, paper.test_cap) == (224, 100, None)
+    assert T.config_from_args(["--preset", "paper", "--epochs", "3"]).epochs == 3
+    assert T.config_from_args(["--test-cap", "none"]).test_cap is None
+
+
+def test_help_lists_every_option():
+    text = T.build_parser().format_help()
+    for f in T.fields(T.Config):
+        assert "--" + f.name.replace("_", "-") in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "vpt-medium"], "unknown method 'vpt-medium'"),
+    (["--protocol", "fewshot"], "unknown protocol"),
+    (["--protocol", "shots"], "needs --shots"),
+    (["--img-size", "100"], "not divisible by the patch size 16: use a multiple of 16, e.g. 96"),
+    (["--num-prompts", "0"], "num_prompts must be >= 1"),
+    (["--model", "resnet50"], "timm ViT name"),
+])
+def test_bad_config_values(args, message):
+    with pytest.raises(ValueError, match=message):
+        T.config_from_args(args)
+
+
+def test_unknown_option_is_an_error():
+    r = cli("--prompt-len", "5")
+    assert r.returncode == 2 and "unrecognized arguments: --prompt-len" in r.stderr
+
+
+def test_unknown_dataset_and_missing_data_root(tmp_path):
+    r = cli("--dataset", "imagenet", "--data-root", str(tmp_path), "--weights", "random", *TINY)
+    assert r.returncode == 2 and "imagenet" in r.stderr and "cifar10" in r.stderr
+    r = cli("--data-root", str(tmp_path / "nowhere"), "--weights", "random", *TINY)
+    assert r.returncode == 2 and "prepare.py" in r.stderr
+
+
+def test_missing_and_mismatched_weights(real, tmp_path):
+    r = cli("--weights", str(tmp_path / "missing.safetensors"), *TINY)
+    assert r.returncode == 2 and "prepare.py" in r.stderr
+    tiny_dir = data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    r = cli("--model", "vit_small_patch16_224", "--weights", str(tiny_dir), *TINY)
+    assert r.returncode == 2 and "pass the model name that matches" in r.stderr
+
+
+def test_existing_run_folder_is_not_overwritten(real, tmp_path):
+    out = tmp_path / "r"
+    assert cli("--max-steps", "1", "--out", str(out), *TINY).returncode == 0
+    before = (out / "metrics.jsonl").read_text()
+    r = cli("--max-steps", "1", "--out", str(out), *TINY)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == before

@@ -1,0 +1,99 @@
+"""Plot helpers for the lessons: images and their patches, attention maps, training curves, results.
+
+Each function draws on a fresh figure and returns it; the lesson cell calls `plt.show()`.
+Shapes: B batch, N patches (a g×g grid), P prompts, h heads, T tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from einops import rearrange
+
+
+def to_image(x: torch.Tensor, mean=(0.5,) * 3, std=(0.5,) * 3) -> torch.Tensor:
+    """Undo the normalisation of one image (3, H, W) → (H, W, 3) in [0, 1] for imshow."""
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return (x.detach().cpu().float() * s + m).clamp(0, 1).permute(1, 2, 0)
+
+
+def show_patches(x: torch.Tensor, patch_size: int, **norm):
+    """One image and the sequence of patches a ViT reads, in raster order."""
+    img = to_image(x, **norm)                                                        # (H, W, 3)
+    patches = rearrange(img, "(gh p) (gw q) c -> (gh gw) p q c", p=patch_size, q=patch_size)  # (N, p, p, 3)
+    g = img.shape[0] // patch_size
+    fig = plt.figure(figsize=(9, 4))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.imshow(img)
+    for k in range(1, g):
+        ax.axhline(k * patch_size - 0.5, color="w", lw=0.8)
+        ax.axvline(k * patch_size - 0.5, color="w", lw=0.8)
+    ax.set_title(f"{img.shape[0]}×{img.shape[1]} image, {g}×{g} grid of {patch_size}px patches")
+    ax.axis("off")
+    grid = fig.add_gridspec(g, g, left=0.55, right=0.98, wspace=0.05, hspace=0.05)
+    for n in range(g * g):
+        a = fig.add_subplot(grid[n // g, n % g])
+        a.imshow(patches[n])
+        a.axis("off")
+    return fig
+
+
+def cls_attention(maps: list[torch.Tensor], num_prompts: int = 0) -> torch.Tensor:
+    """Attention from CLS to the patches in every layer, averaged over heads: (L, B, g, g)."""
+    out = []
+    for a in maps:                                   # a: (B, h, T, T), T = 1 + P + N
+        to_patches = a[:, :, 0, 1 + num_prompts:].mean(1)   # (B, N)
+        g = int(to_patches.shape[-1] ** 0.5)
+        out.append(rearrange(to_patches, "b (gh gw) -> b gh gw", gh=g))
+    return torch.stack(out)
+
+
+def show_attention(images: torch.Tensor, maps: list[torch.Tensor], layers, num_prompts: int = 0, **norm):
+    """Rows: images; columns: the image, then CLS→patch attention at the chosen layers."""
+    att = cls_attention(maps, num_prompts)           # (L, B, g, g)
+    B = images.shape[0]
+    fig, axes = plt.subplots(B, 1 + len(layers), figsize=(2.2 * (1 + len(layers)), 2.2 * B), squeeze=False)
+    for b in range(B):
+        axes[b, 0].imshow(to_image(images[b], **norm))
+        for j, layer in enumerate(layers):
+            axes[b, j + 1].imshow(att[layer, b], cmap="inferno")
+            if b == 0:
+                axes[b, j + 1].set_title(f"layer {layer}")
+        for a in axes[b]:
+            a.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def plot_curves(runs: dict[str, list[dict]], keys=("loss", "val_acc")):
+    """Per-epoch curves of several runs side by side: runs maps a label to its metrics rows."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, rows in runs.items():
+            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_acc_vs_params(rows: list[dict], acc_key: str = "test_acc"):
+    """Accuracy against trainable parameters (log scale), one labelled point per method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["trainable_params"], 100 * r[acc_key], s=40)
+        ax.annotate(r["method"], (r["trainable_params"], 100 * r[acc_key]), textcoords="offset points", xytext=(5, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"{acc_key} (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

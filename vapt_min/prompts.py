@@ -1,0 +1,125 @@
+"""Visual Prompt Tuning on a frozen ViT: the one prompted forward loop, VPT-Shallow and VPT-Deep.
+
+Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119.
+    VPT-Shallow (Eq. 4-6): [x_1, Z_1, E_1] = L_1([x_0, P, E_0]);  [x_i, Z_i, E_i] = L_i([x_{i-1}, Z_{i-1}, E_{i-1}])
+    VPT-Deep    (Eq. 7-9): [x_i, _, E_i]  = L_i([x_{i-1}, P_{i-1}, E_{i-1}])  — fresh prompts before every layer
+    y = Head(LN(x_L))
+Semantics of the reference code (KMnP/vpt): prompts sit after CLS and before the patches, carry no position
+embedding, are initialised uniform in ±√(6 / (3·p² + D)), pass through one dropout, and the frozen backbone stays
+in eval mode while the prompts train.
+
+A prompt generator is any module called as `gen(i, tokens, prompts, aux)`: layer index i, the tokens entering
+block i as (B, 1+N, D) = [CLS | patches], the previous block's prompt outputs (B, P, D) or None, and a dict
+where it may put auxiliary losses. It returns the prompts for block i, (B, P, D), or None to carry the
+previous prompt outputs on. Every method in this package is such a generator.
+
+Shapes: B batch, N patches, P prompts, D width, L layers, p patch size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .vit import ViT
+
+
+def prompt_init_bound(patch_size: int, dim: int) -> float:
+    # Xavier-uniform bound of the patch projection (fan_in = 3·p², fan_out = D), as in the VPT reference.
+    return math.sqrt(6.0 / (3 * patch_size**2 + dim))
+
+
+class ShallowPrompts(nn.Module):
+    """VPT-Shallow: P prompts inserted once, before block 0; their outputs are carried through later blocks."""
+
+    def __init__(self, num_prompts: int, dim: int, patch_size: int):
+        super().__init__()
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        bound = prompt_init_bound(patch_size, dim)
+        self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))  # (1, P, D)
+
+    def forward(self, i, tokens, prompts, aux):
+        return self.prompts.expand(tokens.shape[0], -1, -1) if i == 0 else None  # (B, P, D) or carry
+
+
+class DeepPrompts(nn.Module):
+    """VPT-Deep: a fresh set of P prompts before every block, replacing the previous block's prompt outputs."""
+
+    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int):
+        super().__init__()
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        bound = prompt_init_bound(patch_size, dim)
+        self.prompts = nn.Parameter(torch.empty(depth, num_prompts, dim).uniform_(-bound, bound))  # (L, P, D)
+
+    def forward(self, i, tokens, prompts, aux):
+        return self.prompts[i].expand(tokens.shape[0], -1, -1)  # (B, P, D)
+
+
+class PromptedViT(nn.Module):
+    """A ViT with a new linear head and an optional prompt generator.
+
+    generator=None and train_backbone=False: linear probe. generator=None and train_backbone=True: full
+    fine-tuning. With a generator, the backbone is frozen and only the generator and the head train.
+    forward(x) returns (logits, aux): aux maps names to auxiliary loss tensors the training loop adds.
+    """
+
+    def __init__(self, vit: ViT, num_classes: int, generator: nn.Module | None = None,
+                 prompt_dropout: float = 0.0, train_backbone: bool = False):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if generator is not None and train_backbone:
+            raise ValueError("prompts with a trainable backbone is not a method here: use a generator (prompt tuning) "
+                             "or train_backbone=True without one (full fine-tuning)")
+        self.vit = vit
+        self.vit.head = nn.Identity()  # the pretrained head is replaced by ours
+        self.train_backbone = train_backbone
+        for p in self.vit.parameters():
+            p.requires_grad_(train_backbone)
+        self.generator = generator
+        self.prompt_dropout = nn.Dropout(prompt_dropout)
+        self.head = nn.Linear(vit.dim, num_classes)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # start at loss = ln(classes), as timm's jax init
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.train_backbone:
+            self.vit.eval()  # frozen: its dropout/normalisation behave as at inference, as in the VPT reference
+        return self
+
+    def forward_features(self, x, attn_out: list | None = None):
+        """The prompted loop of DESIGN.md. Returns the final-norm sequence (B, 1+P+N, D) and the aux dict."""
+        tokens = self.vit.embed(x)                          # (B, 1+N, D)
+        prompts, aux = None, {}
+        for i, block in enumerate(self.vit.blocks):
+            new = self.generator(i, tokens, prompts, aux) if self.generator is not None else None
+            if new is not None:
+                prompts = self.prompt_dropout(new)          # (B, P, D); no position embedding
+            P = 0 if prompts is None else prompts.shape[1]
+            seq = tokens if P == 0 else torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)  # (B, 1+P+N, D)
+            seq = block(seq, attn_out)
+            tokens = torch.cat([seq[:, :1], seq[:, 1 + P:]], dim=1)  # (B, 1+N, D)
+            prompts = seq[:, 1:1 + P] if P else None                 # (B, P, D): this block's prompt outputs
+        return self.vit.norm(seq), aux
+
+    def forward(self, x):
+        feats, aux = self.forward_features(x)
+        return self.head(feats[:, 0]), aux                  # (B, classes), {name: loss}
+
+    @torch.no_grad()
+    def attention_maps(self, x) -> list[torch.Tensor]:
+        """Attention of every block through the explicit path: L tensors (B, h, T, T), T = 1+P+N."""
+        maps = []
+        self.forward_features(x, attn_out=maps)
+        return maps
+
+    def param_counts(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def param_summary(self) -> str:
+        trainable, total = self.param_counts()
+        return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
