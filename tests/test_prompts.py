@@ -104,8 +104,14 @@ def test_backbone_frozen_and_in_eval_mode_while_training():
     assert full.vit.training
 
 
+def test_head_starts_at_zero():
+    model = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8))
+    assert model.head.weight.abs().sum() == 0 and model.head.bias.abs().sum() == 0  # loss starts at ln(classes)
+
+
 def test_prompt_dropout_only_while_training():
     model = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8), prompt_dropout=0.5)
+    torch.nn.init.normal_(model.head.weight)  # non-zero logits, so the eval comparison below means something
     x = torch.randn(2, 3, 32, 32)
     model.train()
     a, b = block_inputs(model, x)[0], block_inputs(model, x)[0]

@@ -129,6 +129,9 @@ def test_help_lists_every_option():
     (["--img-size", "100"], "not divisible by the patch size 16: use a multiple of 16, e.g. 96"),
     (["--num-prompts", "0"], "num_prompts must be >= 1"),
     (["--model", "resnet50"], "timm ViT name"),
+    (["--method", "v2apt", "--inst-prompts", "11"], "prompt split does not add up"),
+    (["--method", "v2apt", "--latent-dim", "0"], "--latent-dim must be >= 1"),
+    (["--method", "v2apt", "--beta", "-1"], "--beta must be >= 0"),
 ])
 def test_bad_config_values(args, message):
     with pytest.raises(ValueError, match=message):
@@ -162,3 +165,15 @@ def test_existing_run_folder_is_not_overwritten(real, tmp_path):
     r = cli("--max-steps", "1", "--out", str(out), *TINY)
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_v2apt_logs_kl_and_reports_a_collapsed_posterior(real, tmp_path, monkeypatch, capsys):
+    args = ["--method", "v2apt", "--max-steps", "6", *TINY]
+    s = T.train(T.config_from_args([*args, "--out", str(tmp_path / "ok")]))
+    rows = [json.loads(l) for l in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kl"] > 1e-2 for r in rows) and s["aux_near_zero"] == []
+    assert s["trainable_params"] == 29_776 + 1_930
+    from vapt_min import vae_prompt
+    monkeypatch.setattr(vae_prompt, "kl_standard_normal", lambda mu, logvar: 0.0 * mu.sum())  # a posterior that collapsed
+    s = T.train(T.config_from_args([*args, "--out", str(tmp_path / "collapsed")]))
+    assert s["aux_near_zero"] == ["kl"] and "warning: auxiliary loss 'kl' stayed below" in capsys.readouterr().out

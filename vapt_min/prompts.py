@@ -10,7 +10,7 @@ in eval mode while the prompts train.
 
 A prompt generator is any module called as `gen(i, tokens, prompts, aux)`: layer index i, the tokens entering
 block i as (B, 1+N, D) = [CLS | patches], the previous block's prompt outputs (B, P, D) or None, and a dict
-where it may put auxiliary losses. It returns the prompts for block i, (B, P, D), or None to carry the
+where it may put auxiliary losses (unweighted; their weights in its `loss_weights` dict). It returns the prompts for block i, (B, P, D), or None to carry the
 previous prompt outputs on. Every method in this package is such a generator.
 
 Shapes: B batch, N patches, P prompts, D width, L layers, p patch size.
@@ -63,7 +63,8 @@ class PromptedViT(nn.Module):
 
     generator=None and train_backbone=False: linear probe. generator=None and train_backbone=True: full
     fine-tuning. With a generator, the backbone is frozen and only the generator and the head train.
-    forward(x) returns (logits, aux): aux maps names to auxiliary loss tensors the training loop adds.
+    forward(x) returns (logits, aux): aux maps names to auxiliary loss tensors (unweighted); `aux_weights()`
+    gives their weights, so the loop can log the raw terms and add the weighted ones.
     """
 
     def __init__(self, vit: ViT, num_classes: int, generator: nn.Module | None = None,
@@ -106,8 +107,17 @@ class PromptedViT(nn.Module):
         return self.vit.norm(seq), aux
 
     def forward(self, x):
-        feats, aux = self.forward_features(x)
-        return self.head(feats[:, 0]), aux                  # (B, classes), {name: loss}
+        R = getattr(self.generator, "eval_samples", 1)
+        if self.training or R == 1:
+            feats, aux = self.forward_features(x)
+            return self.head(feats[:, 0]), aux              # (B, classes), {name: loss}
+        # Multi-round inference for generators that sample: the mean of the logits of R sampled prompt sets.
+        runs = [self.forward_features(x) for _ in range(R)]
+        return torch.stack([self.head(f[:, 0]) for f, _ in runs]).mean(0), runs[-1][1]
+
+    def aux_weights(self) -> dict[str, float]:
+        """The weight of each auxiliary loss that forward returns: loss = CE + Σ_k w_k · aux_k."""
+        return dict(getattr(self.generator, "loss_weights", {}))
 
     @torch.no_grad()
     def attention_maps(self, x) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@
     python -m vapt_min.train --help                  # every option, generated from `Config`
 
 The loop knows nothing about any method beyond "the model returns logits and a dict of auxiliary losses":
-loss = cross-entropy + Σ aux. Recipe: AdamW (lr 1e-3, wd 1e-4, the V²APT paper's) or SGD (VPT's), linear
+loss = cross-entropy + Σ_k w_k·aux_k (the model says the weights; every raw term is logged). Recipe: AdamW (lr 1e-3, wd 1e-4, the V²APT paper's) or SGD (VPT's), linear
 warm-up then cosine decay, per step.
 
 A run folder holds `config.json`, `metrics.jsonl` (one line per epoch), `summary.json`, the trainable tensors
@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 
 from . import data as vdata
 from .prompts import DeepPrompts, PromptedViT, ShallowPrompts
+from .vae_prompt import VAEPrompts
 from .vit import ViT, from_pretrained, parse_name
 
-METHODS = ("linear", "full", "vpt-shallow", "vpt-deep")
+METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt")
 PROTOCOLS = ("vtab1k", "shots", "percent", "full")
 
 
@@ -57,6 +58,11 @@ class Config:
                                                           "'hub', 'random', or a .safetensors/.pth file or folder"})
     img_size: int = field(default=112, metadata={"help": "input size in pixels (a multiple of the patch size)"})
     num_prompts: int = field(default=10, metadata={"help": "prompt tokens per layer (P)"})
+    inst_prompts: int = field(default=5, metadata={"help": "v2apt: instance prompts per layer (the other num_prompts - inst_prompts are domain prompts)"})
+    latent_dim: int = field(default=8, metadata={"help": "v2apt: VAE latent size K"})
+    beta: float = field(default=0.01, metadata={"help": "v2apt: weight of the KL term, loss = CE + beta * KL"})
+    eval_samples: int = field(default=1, metadata={"help": "v2apt: 1 = inference with z = mu; R > 1 = mean logits of R sampled z"})
+    aux_warmup_epochs: float = field(default=0.0, metadata={"help": "ramp every auxiliary loss weight (e.g. v2apt's KL) linearly from 0 over this many epochs"})
     prompt_dropout: float = field(default=0.1, metadata={"help": "dropout on the prompt tokens"})
     epochs: int = field(default=20, metadata={"help": "training epochs"})
     batch_size: int = field(default=32, metadata={"help": "batch size"})
@@ -98,6 +104,18 @@ class Config:
         for name in ("epochs", "batch_size", "num_prompts", "n_train"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.method == "v2apt":
+            if not 1 <= self.inst_prompts <= self.num_prompts:
+                bad(f"prompt split does not add up: --inst-prompts {self.inst_prompts} of --num-prompts {self.num_prompts}; "
+                    "use 1 <= inst_prompts <= num_prompts (the rest are domain prompts)")
+            if self.latent_dim < 1:
+                bad(f"--latent-dim must be >= 1, got {self.latent_dim}")
+            if self.beta < 0:
+                bad(f"--beta must be >= 0, got {self.beta}")
+            if self.eval_samples < 1:
+                bad(f"--eval-samples must be >= 1, got {self.eval_samples}")
+        if self.aux_warmup_epochs < 0:
+            bad(f"--aux-warmup-epochs must be >= 0, got {self.aux_warmup_epochs}")
         if not 0 <= self.prompt_dropout < 1:
             bad(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -147,7 +165,12 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
         return PromptedViT(vit, num_classes)
     if cfg.method == "full":
         return PromptedViT(vit, num_classes, train_backbone=True)
-    gen = ShallowPrompts(cfg.num_prompts, D, p) if cfg.method == "vpt-shallow" else DeepPrompts(cfg.num_prompts, D, L, p)
+    if cfg.method == "vpt-shallow":
+        gen = ShallowPrompts(cfg.num_prompts, D, p)
+    elif cfg.method == "vpt-deep":
+        gen = DeepPrompts(cfg.num_prompts, D, L, p)
+    else:
+        gen = VAEPrompts(cfg.num_prompts, cfg.inst_prompts, D, L, p, cfg.latent_dim, cfg.beta, cfg.eval_samples)
     return PromptedViT(vit, num_classes, gen, prompt_dropout=cfg.prompt_dropout)
 
 
@@ -274,7 +297,9 @@ def train(cfg: Config) -> dict:
         (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= start))
         print(f"resumed {out} after epoch {start}")
 
+    weights = model.aux_weights()
     t0, seen, train_time, val_acc, test_acc = time.time(), 0, 0.0, float("nan"), float("nan")
+    aux_max = {}  # the largest epoch mean of each weighted auxiliary loss: ~0 for a whole run is reported
     for epoch in range(start, cfg.epochs):
         model.train()
         sums, n = {"loss": 0.0, "correct": 0.0}, 0
@@ -284,13 +309,16 @@ def train(cfg: Config) -> dict:
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 logits, aux = model(x)
-            loss = F.cross_entropy(logits.float(), y) + sum(v.float() for v in aux.values())
+            ramp = min(1.0, (step + 1) / (cfg.aux_warmup_epochs * len(loader))) if cfg.aux_warmup_epochs else 1.0
+            ce = F.cross_entropy(logits.float(), y)
+            loss = ce + ramp * sum(weights[k] * v.float() for k, v in aux.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
             sums["loss"] += loss.item() * len(y)
+            sums["ce"] = sums.get("ce", 0.0) + ce.item() * len(y)
             sums["correct"] += (logits.argmax(-1) == y).sum().item()
             for k, v in aux.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(y)
@@ -308,6 +336,8 @@ def train(cfg: Config) -> dict:
                **{k: v / n for k, v in sums.items()}, "val_acc": val_acc, "epoch_time_s": time.time() - t_ep}
         if last:
             row["test_acc"] = test_acc
+        for k in weights:
+            aux_max[k] = max(aux_max.get(k, 0.0), abs(row.get(k, 0.0)))
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         state = trainable_state(model)
@@ -323,12 +353,15 @@ def train(cfg: Config) -> dict:
         if step == total:
             break
 
+    near_zero = sorted(k for k, v in aux_max.items() if weights.get(k, 0) > 0 and v < 1e-2)
+    for k in near_zero:  # for V²APT's KL this is a collapsed posterior: z carries no information about the image
+        print(f"warning: auxiliary loss {k!r} stayed below 1e-2 in every epoch although its weight is {weights[k]}")
     trainable, total_params = model.param_counts()
     summary = {"method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "num_classes": len(source.classes),
                "best_val_acc": best["val_acc"], "best_epoch": best["epoch"] + 1, "last_val_acc": val_acc, "test_acc": test_acc,
                "trainable_params": trainable, "total_params": total_params, "trainable_pct": 100 * trainable / total_params,
                "wall_time_s": time.time() - t0, "train_img_per_s": seen / max(train_time, 1e-9), "device": str(device),
-               "precision": "bf16" if bf16 else "fp32", "run_dir": str(out)}
+               "precision": "bf16" if bf16 else "fp32", "aux_near_zero": near_zero, "run_dir": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(results_table([summary]))
     return summary

@@ -1,0 +1,137 @@
+"""V²APT: token counts, shapes, the KL against torch.distributions, determinism, gradients, parameter budget."""
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from vapt_min.prompts import DeepPrompts, PromptedViT
+from vapt_min.vae_prompt import VAEPrompts, kl_standard_normal
+from vapt_min.vit import ViT
+
+P, P_INST, D, L, K = 6, 4, 48, 3, 5
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return ViT(img_size=32, patch_size=8, dim=D, depth=L, num_heads=3, num_classes=0)
+
+
+def v2apt(**kw):
+    torch.manual_seed(1)
+    model = PromptedViT(tiny_vit(), 5, VAEPrompts(P, P_INST, D, L, 8, latent_dim=K, **kw))
+    torch.nn.init.normal_(model.head.weight)  # the new head starts at zero: logits would all be 0 and compare equal
+    return model
+
+
+def block_inputs(model, x):
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for b in model.vit.blocks]
+    model(x)
+    [h.remove() for h in hooks]
+    return seen
+
+
+def test_token_count_per_layer_equals_vpt_deep():
+    x = torch.randn(2, 3, 32, 32)
+    deep = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8)).eval()
+    ours = v2apt().eval()
+    assert [s.shape for s in block_inputs(ours, x)] == [s.shape for s in block_inputs(deep, x)] == [(2, 1 + P + 16, D)] * L
+
+
+def test_intermediate_shapes_and_composition():
+    model = v2apt().eval()
+    gen = model.generator
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.vit.embed(x)                          # (B, 1+N, D)
+    mu, logvar = gen.encode(tokens[:, 1:])
+    assert mu.shape == logvar.shape == (3, K)
+    inst = gen.decode(mu)
+    assert inst.shape == (3, L, P_INST, D)
+    assert gen.domain.shape == (L, P - P_INST, D) and gen.base.shape == (L, P_INST, D)
+    for i, seq in enumerate(block_inputs(model, x)):     # P̂_i = [P_i^inst, P_i^dom] after CLS
+        torch.testing.assert_close(seq[:, 1:1 + P_INST], inst[:, i])
+        torch.testing.assert_close(seq[:, 1 + P_INST:1 + P], gen.domain[i].expand(3, -1, -1))
+
+
+def test_kl_equals_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(7, K) * 2, torch.randn(7, K)
+    ref = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(-1).mean()
+    torch.testing.assert_close(kl_standard_normal(mu, logvar), ref)
+    assert kl_standard_normal(torch.zeros(3, K), torch.zeros(3, K)).item() == 0.0
+
+
+def test_kl_reaches_aux_with_its_weight():
+    model = v2apt(beta=0.3).train()
+    _, aux = model(torch.randn(2, 3, 32, 32))
+    assert set(aux) == {"kl"} and aux["kl"].item() > 0 and model.aux_weights() == {"kl": 0.3}
+
+
+def test_mu_policy_is_deterministic_and_batch_independent():
+    model = v2apt().eval()
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    a, _ = model(x)
+    b, _ = model(x)
+    assert torch.equal(a, b)
+    alone = torch.cat([model(x[i:i + 1])[0] for i in range(4)])      # batch size 1 works
+    torch.testing.assert_close(alone, a, atol=1e-5, rtol=1e-5)
+    mixed, _ = model(torch.cat([x[:2], torch.randn(3, 3, 32, 32)]))  # other images in the batch change nothing
+    torch.testing.assert_close(mixed[:2], a[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_training_samples_and_eval_samples_average():
+    model = v2apt(eval_samples=3)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])                  # z is sampled while training
+    model.eval()
+    torch.manual_seed(5)
+    avg, _ = model(x)
+    torch.manual_seed(5)
+    runs = [model.head(model.forward_features(x)[0][:, 0]) for _ in range(3)]
+    torch.testing.assert_close(avg, torch.stack(runs).mean(0))
+
+
+def test_different_images_differ_same_image_same():
+    model = v2apt().eval()
+    gen = model.generator
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    x = torch.cat([x, x[:1]])                                        # images 0 and 2 are the same
+    inst = gen.decode(gen.encode(model.vit.embed(x)[:, 1:])[0])
+    assert not torch.allclose(inst[0], inst[1])
+    assert torch.equal(inst[0], inst[2])
+
+
+def test_gradients_reach_encoder_decoder_domain_not_backbone():
+    model = v2apt().train()
+    logits, aux = model(torch.randn(3, 3, 32, 32))
+    (torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])) + aux["kl"]).backward()
+    gen = model.generator
+    for name in ("query", "to_latent.weight", "base", "film.weight", "domain"):
+        g = gen.get_parameter(name).grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.vit.parameters())
+
+
+@pytest.mark.parametrize("dim,depth", [(192, 12), (768, 12)])  # ViT-Ti/16 and ViT-B/16 shapes
+def test_parameter_budget(dim, depth):
+    v2 = sum(p.numel() for p in VAEPrompts(10, 5, dim, depth, 16, latent_dim=8).parameters())
+    deep = sum(p.numel() for p in DeepPrompts(10, dim, depth, 16).parameters())
+    # domain L·P_dom·D + base L·P_inst·D + query D + (D·2K + 2K) + (K·2D + 2D)
+    assert v2 == depth * 10 * dim + dim + dim * 16 + 16 + 8 * 2 * dim + 2 * dim
+    assert v2 <= 1.5 * deep
+    print(f"D={dim}: V²APT {v2:,} vs VPT-Deep {deep:,} trainable (head excluded): {v2 / deep:.2f}x")
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(inst_prompts=11), "prompt split does not add up"),
+    (dict(inst_prompts=0), "prompt split does not add up"),
+    (dict(latent_dim=0), "latent_dim K must be >= 1"),
+    (dict(beta=-0.1), "beta"),
+    (dict(eval_samples=0), "eval_samples R must be >= 1"),
+])
+def test_bad_input(kw, message):
+    args = dict(num_prompts=10, inst_prompts=5, dim=D, depth=L, patch_size=8) | kw
+    with pytest.raises(ValueError, match=message):
+        VAEPrompts(**args)

@@ -1,0 +1,97 @@
+"""V²APT: instance prompts from a variational autoencoder, next to static domain prompts.
+
+Xiao, Zhang et al., "Visual Variational Autoencoder Prompt Tuning", 2025 (shared/papers/v2apt-paper.md, §3.2).
+    Z ~ N(μ, σ²) = Encoder(X)                 X: the frozen image embeddings entering the transformer
+    P^inst = Decoder(Z)                       one set of instance prompts per layer
+    P̂_i = [P_i^inst, P_i^dom]                 (Final Prompt Composition): same token count as VPT-Deep
+    L = CE + β · KL(N(μ, σ²) ‖ N(0, I))        Eq. (1)
+
+The paper gives no architecture for the encoder or the decoder and no β; there is no public code. Our choices
+(each tested, each explained in lesson 03):
+- Encoder: X = the patch tokens after the frozen patch embedding and position embedding (B, N, D). They are
+  pooled by attention with one learned query q (a_n = softmax_n(X_n·q/√D)), so the encoder can weigh the
+  informative patches; a mean would only see the average patch, a linear function of the mean image tile.
+  A parameter-free LayerNorm keeps the pooled vector at unit scale; one linear layer gives μ and log σ².
+- Decoder: FiLM. Each layer i has base prompts B_i (P_inst, D); z sets one scale and one shift shared by
+  all layers: P_i^inst = B_i ⊙ (1 + s(z)) + t(z), [s, t] = W z + b. Full-rank prompts per layer at the cost
+  of VPT-Deep's, plus 2·K·D for the modulation: about 1.3× VPT-Deep's parameters (budget 1.5×).
+- KL: summed over the K latent dimensions, averaged over the batch (the usual VAE convention).
+- Inference: z = μ (deterministic, each image independent of the rest of the batch); optionally the logits
+  of R sampled z averaged (`eval_samples`, handled by PromptedViT).
+
+Shapes: B batch, N patches, L layers, P prompts per layer (P = P_inst + P_dom), D width, K latent size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .prompts import prompt_init_bound
+
+
+def kl_standard_normal(mu, logvar):
+    # Eq. (1): KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ_k (μ_k² + σ_k² − log σ_k² − 1), then the batch mean.
+    mu, logvar = mu.float(), logvar.float()  # in fp32 even under bf16 autocast: it is logged and compared
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(-1).mean()
+
+
+class VAEPrompts(nn.Module):
+    """Prompt generator: [instance prompts from the VAE | static domain prompts] before every block."""
+
+    def __init__(self, num_prompts: int, inst_prompts: int, dim: int, depth: int, patch_size: int,
+                 latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1):
+        super().__init__()
+        if not 1 <= inst_prompts <= num_prompts:
+            raise ValueError(f"prompt split does not add up: {inst_prompts} instance prompts out of {num_prompts} per "
+                             f"layer; use 1 <= inst_prompts <= num_prompts (the rest, {num_prompts} - inst_prompts, are domain prompts)")
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim K must be >= 1, got {latent_dim}")
+        if beta < 0:
+            raise ValueError(f"beta (the KL weight) must be >= 0, got {beta}")
+        if eval_samples < 1:
+            raise ValueError(f"eval_samples R must be >= 1, got {eval_samples}")
+        self.num_prompts, self.inst_prompts, self.latent_dim = num_prompts, inst_prompts, latent_dim
+        self.eval_samples = eval_samples
+        self.loss_weights = {"kl": beta}            # read by PromptedViT.aux_weights: loss = CE + β·KL
+        bound = prompt_init_bound(patch_size, dim)
+        self.domain = nn.Parameter(torch.empty(depth, num_prompts - inst_prompts, dim).uniform_(-bound, bound))  # (L, P_dom, D)
+        # Encoder
+        self.query = nn.Parameter(torch.zeros(dim))                      # zero: the pooling starts as a mean
+        self.to_latent = nn.Linear(dim, 2 * latent_dim)                   # → [μ, log σ²]
+        # Decoder
+        self.base = nn.Parameter(torch.empty(depth, inst_prompts, dim).uniform_(-bound, bound))  # (L, P_inst, D)
+        self.film = nn.Linear(latent_dim, 2 * dim)                        # z → [s, t]
+        for lin in (self.to_latent, self.film):
+            # Small weights: μ ≈ 0 and σ ≈ 1 at the start (KL ≈ 0), and prompts start near their bases.
+            nn.init.normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+        self._inst = None
+
+    def encode(self, x):
+        """x: patch embeddings (B, N, D) → μ, log σ² (B, K)."""
+        attn = torch.softmax(x @ self.query / math.sqrt(x.shape[-1]), dim=-1)   # (B, N)
+        pooled = torch.einsum("bn,bnd->bd", attn, x)                            # (B, D)
+        pooled = F.layer_norm(pooled, pooled.shape[-1:])                        # unit scale, no parameters
+        mu, logvar = self.to_latent(pooled).chunk(2, dim=-1)                    # (B, K) each
+        return mu, logvar
+
+    def sample(self, mu, logvar):
+        if self.training or self.eval_samples > 1:
+            return mu + torch.randn_like(mu) * (0.5 * logvar).exp()             # reparameterisation trick
+        return mu                                                               # inference policy: z = μ
+
+    def decode(self, z):
+        """z (B, K) → instance prompts for every layer (B, L, P_inst, D)."""
+        s, t = self.film(z).chunk(2, dim=-1)                                    # (B, D) each
+        return self.base * (1 + s[:, None, None]) + t[:, None, None]             # (B, L, P_inst, D)
+
+    def forward(self, i, tokens, prompts, aux):
+        B = tokens.shape[0]
+        if i == 0:  # encode the image once, from the embeddings entering block 0
+            mu, logvar = self.encode(tokens[:, 1:])
+            aux["kl"] = kl_standard_normal(mu, logvar)
+            self._inst = self.decode(self.sample(mu, logvar))                   # (B, L, P_inst, D)
+        inst = self._inst[:, i]                                                 # (B, P_inst, D)
+        return torch.cat([inst, self.domain[i].expand(B, -1, -1)], dim=1)       # P̂_i: (B, P, D)
