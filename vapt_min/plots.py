@@ -97,3 +97,43 @@ def plot_acc_vs_params(rows: list[dict], acc_key: str = "test_acc"):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+@torch.no_grad()
+def prompt_map(model, x: torch.Tensor, which: slice = slice(None)) -> torch.Tensor:
+    """V²APT's Fig. 3 "prompt map" (our definition; the paper gives no formula): before every block, the cosine
+    similarity between each patch token and the prompt tokens entering that block, averaged over the prompts (all
+    P, or the slots in `which`), on the patch grid: (L, B, gh, gw). `model`: a PromptedViT with prompts, in eval mode."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in model.vit.blocks]
+    try:
+        model.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    gh, gw = x.shape[-2] // model.vit.patch_size, x.shape[-1] // model.vit.patch_size
+    out = []
+    for seq in seen:                                                      # (B, 1+P+N, D) entering block i
+        P = seq.shape[1] - 1 - gh * gw
+        prompts, patches = seq[:, 1:1 + P][:, which], seq[:, 1 + P:]      # (B, P', D), (B, N, D)
+        sim = torch.nn.functional.cosine_similarity(prompts[:, :, None], patches[:, None], dim=-1)  # (B, P', N)
+        out.append(rearrange(sim.mean(1), "b (gh gw) -> b gh gw", gh=gh))
+    return torch.stack(out)
+
+
+def show_prompt_maps(images: torch.Tensor, maps: dict[str, torch.Tensor], **norm):
+    """Rows: images; columns: the image, then one map per entry of `maps` (title → (B, gh, gw)), one colour scale."""
+    vmin, vmax = min(m.min().item() for m in maps.values()), max(m.max().item() for m in maps.values())
+    B = images.shape[0]
+    fig, axes = plt.subplots(B, 1 + len(maps), figsize=(2.3 * (1 + len(maps)) + 1, 2.2 * B), squeeze=False,
+                             layout="constrained")
+    for b in range(B):
+        axes[b, 0].imshow(to_image(images[b], **norm))
+        for j, (title, m) in enumerate(maps.items()):
+            im = axes[b, j + 1].imshow(m[b].cpu(), cmap="viridis", vmin=vmin, vmax=vmax)
+            if b == 0:
+                axes[b, j + 1].set_title(title)
+        for a in axes[b]:
+            a.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
+    return fig

@@ -2,7 +2,7 @@
 
 Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119.
     VPT-Shallow (Eq. 4-6): [x_1, Z_1, E_1] = L_1([x_0, P, E_0]);  [x_i, Z_i, E_i] = L_i([x_{i-1}, Z_{i-1}, E_{i-1}])
-    VPT-Deep    (Eq. 7-9): [x_i, _, E_i]  = L_i([x_{i-1}, P_{i-1}, E_{i-1}])  — fresh prompts before every layer
+    VPT-Deep    (Eq. 7-8): [x_i, _, E_i]  = L_i([x_{i-1}, P_{i-1}, E_{i-1}])  — fresh prompts before every layer
     y = Head(LN(x_L))
 Semantics of the reference code (KMnP/vpt): prompts sit after CLS and before the patches, carry no position
 embedding, are initialised uniform in ±√(6 / (3·p² + D)), pass through one dropout, and the frozen backbone stays
