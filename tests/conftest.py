@@ -3,8 +3,10 @@ import os
 import pathlib
 
 import pytest
+import torch
 
 from vapt_min.data import data_root
+from vapt_min.vit import ViT
 
 PREPARE = "python data/prepare.py --from ../shared/data"
 
@@ -23,3 +25,19 @@ def need(path) -> pathlib.Path:
 @pytest.fixture
 def root() -> pathlib.Path:
     return data_root()
+
+
+def tiny_vit(seed=0, dim=48, depth=3) -> ViT:
+    """A random 3-block ViT on 32 px images with 8 px patches (16 patches): fast enough for any unit test."""
+    torch.manual_seed(seed)
+    return ViT(img_size=32, patch_size=8, dim=dim, depth=depth, num_heads=3, num_classes=0)
+
+
+def block_inputs(model, x) -> list:
+    """The sequence entering every block of a PromptedViT, captured with forward pre-hooks."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone())) for b in model.vit.blocks]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return seen

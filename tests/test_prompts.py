@@ -4,25 +4,12 @@ import math
 import pytest
 import torch
 
+from conftest import block_inputs, tiny_vit
 from vapt_min.prompts import DeepPrompts, PromptedViT, ShallowPrompts, prompt_init_bound
-from vapt_min.vit import ViT
 
 P, D, L = 4, 48, 3
 
 
-def tiny_vit(seed=0):
-    torch.manual_seed(seed)
-    return ViT(img_size=32, patch_size=8, dim=D, depth=L, num_heads=3, num_classes=0)
-
-
-def block_inputs(model, x):
-    """The sequence entering every block, captured with forward pre-hooks."""
-    seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone())) for b in model.vit.blocks]
-    model(x)
-    for h in hooks:
-        h.remove()
-    return seen
 
 
 def test_token_layout_and_no_position_embedding_on_prompts():

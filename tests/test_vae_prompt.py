@@ -3,16 +3,11 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from conftest import block_inputs, tiny_vit
 from vapt_min.prompts import DeepPrompts, PromptedViT
 from vapt_min.vae_prompt import VAEPrompts, kl_standard_normal
-from vapt_min.vit import ViT
 
 P, P_INST, D, L, K = 6, 4, 48, 3, 5
-
-
-def tiny_vit(seed=0):
-    torch.manual_seed(seed)
-    return ViT(img_size=32, patch_size=8, dim=D, depth=L, num_heads=3, num_classes=0)
 
 
 def v2apt(**kw):
@@ -21,13 +16,6 @@ def v2apt(**kw):
     torch.nn.init.normal_(model.head.weight)  # the new head starts at zero: logits would all be 0 and compare equal
     return model
 
-
-def block_inputs(model, x):
-    seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for b in model.vit.blocks]
-    model(x)
-    [h.remove() for h in hooks]
-    return seen
 
 
 def test_token_count_per_layer_equals_vpt_deep():
