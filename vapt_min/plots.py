@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator, NullFormatter
 import torch
 from einops import rearrange
 
@@ -78,6 +79,7 @@ def plot_curves(runs: dict[str, list[dict]], keys=("loss", "val_acc")):
         for label, rows in runs.items():
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
@@ -92,6 +94,8 @@ def plot_acc_vs_params(rows: list[dict], acc_key: str = "test_acc"):
         ax.scatter(r["trainable_params"], 100 * r[acc_key], s=40)
         ax.annotate(r["method"], (r["trainable_params"], 100 * r[acc_key]), textcoords="offset points", xytext=(5, 4))
     ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)  # room for the labels of the outermost points
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks unlabelled: their labels collide
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"{acc_key} (%)")
     ax.grid(alpha=0.3)
