@@ -18,9 +18,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from .train import METHODS, Config, build_backbone, build_model, pick_device, use_bf16
+from .train import METHODS, Config, build_backbone, build_model, pick_device, total_loss, use_bf16
 
 
 def _sync(device):
@@ -35,7 +34,7 @@ def time_step(model, opt, x, y, bf16: bool, train: bool) -> float:
     if train:
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits, aux = model(x)
-        loss = F.cross_entropy(logits.float(), y) + sum(w * aux[k].float() for k, w in model.aux_weights().items() if k in aux)
+        loss, _ = total_loss(logits, y, aux, model.aux_weights())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -38,7 +38,7 @@ from .vae_prompt import VAEPrompts
 from .vit import ViT, from_pretrained, parse_name
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt")
-PROTOCOLS = ("vtab1k", "shots", "percent", "full")
+PROTOCOLS = vdata.PROTOCOLS
 
 
 @dataclass
@@ -205,6 +205,12 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def total_loss(logits, y, aux: dict, weights: dict, ramp: float = 1.0):
+    """loss = CE + ramp · Σ_k w_k · aux_k, in fp32 whatever the autocast dtype. Returns (loss, CE)."""
+    ce = F.cross_entropy(logits.float(), y)
+    return ce + ramp * sum(weights[k] * v.float() for k, v in aux.items()), ce
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
@@ -299,7 +305,7 @@ def train(cfg: Config) -> dict:
 
     weights = model.aux_weights()
     t0, seen, train_time, val_acc, test_acc = time.time(), 0, 0.0, float("nan"), float("nan")
-    aux_max = {}  # the largest epoch mean of each weighted auxiliary loss: ~0 for a whole run is reported
+    aux_max = {}  # the largest epoch mean of each raw auxiliary loss: ~0 for a whole run is reported
     for epoch in range(start, cfg.epochs):
         model.train()
         sums, n = {"loss": 0.0, "correct": 0.0}, 0
@@ -310,8 +316,7 @@ def train(cfg: Config) -> dict:
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 logits, aux = model(x)
             ramp = min(1.0, (step + 1) / (cfg.aux_warmup_epochs * len(loader))) if cfg.aux_warmup_epochs else 1.0
-            ce = F.cross_entropy(logits.float(), y)
-            loss = ce + ramp * sum(weights[k] * v.float() for k, v in aux.items())
+            loss, ce = total_loss(logits, y, aux, weights, ramp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
