@@ -25,6 +25,12 @@ def real():
     need(data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "model.safetensors")
 
 
+def metrics_without_times(run_dir) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock field, the one thing two identical runs may differ in."""
+    rows = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"} for r in rows]
+
+
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "vapt_min.train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
@@ -83,9 +89,7 @@ def test_methods_train_what_they_should(real, tmp_path, method, trainable):
 def test_same_seed_same_metrics(real, tmp_path):
     a = T.train(T.config_from_args(["--max-steps", "4", "--out", str(tmp_path / "a"), *TINY]))
     b = T.train(T.config_from_args(["--max-steps", "4", "--out", str(tmp_path / "b"), *TINY]))
-    ra, rb = (T.Path(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in "ab")
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"} for r in rows]
-    assert strip(ra) == strip(rb) and a["test_acc"] == b["test_acc"]
+    assert metrics_without_times(tmp_path / "a") == metrics_without_times(tmp_path / "b") and a["test_acc"] == b["test_acc"]
 
 
 def test_kill_and_resume_matches_uninterrupted_run(real, tmp_path):
@@ -104,8 +108,7 @@ def test_kill_and_resume_matches_uninterrupted_run(real, tmp_path):
     assert len(lines) < 3, "the run finished before it could be killed; make the epochs longer"
     r = cli("--resume", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
-    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "epoch_time_s"} for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert strip(out) == strip(tmp_path / "full")
+    assert metrics_without_times(out) == metrics_without_times(tmp_path / "full")
 
 
 def test_presets_and_overrides():
