@@ -132,3 +132,20 @@ def test_wrong_input_size_names_the_grid():
     model = vapt(grid=4).eval()
     with pytest.raises(ValueError, match="built for a 4×4 patch grid .16 patches. but got 36 patches"):
         model(torch.randn(1, 3, 48, 48))
+
+
+def test_composed_map_equals_the_direct_conv_path():
+    """The package runs conv and token map as one (P, N) matrix (see AdaptiveLayer.forward): same function as
+    conv2d on the grid, then Dropout2d, then the token map; in training each (image, channel) is dropped whole."""
+    torch.manual_seed(0)
+    layer = AdaptiveLayer(P, D, (5, 6), kernel=3)
+    torch.nn.init.normal_(layer.token_map.weight), torch.nn.init.normal_(layer.token_map.bias)
+    patches = torch.randn(4, 30, D)
+    torch.testing.assert_close(layer.eval()(patches), layer.forward_direct(patches))
+    layer.train()
+    got, full = layer(patches), layer.eval().forward_direct(patches)
+    bias = layer.token_map.bias[:, None]
+    kept = (got - bias).abs().sum(1) > 0                                    # (B, D): which channels survived
+    assert kept.any() and not kept.all()                                    # 4·48 draws at p = 0.1: both occur
+    expected = bias + kept[:, None] * (full - bias) / (1 - layer.drop.p)   # a whole channel kept or dropped
+    torch.testing.assert_close(got, expected)
