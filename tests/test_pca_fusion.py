@@ -187,3 +187,89 @@ def test_wrong_input_size_names_the_grid():
     model = build(viapt(8)).eval()
     with pytest.raises(ValueError, match="built for a 4×4 patch grid"):
         model(torch.randn(1, 3, 48, 48))
+
+
+def test_a_refresh_carries_the_learnt_coordinates_into_the_new_basis():
+    """W_i are coordinates in C_m. A refresh that only rotates the complement (the same subspace, another basis: what
+    near-equal low variances do) must leave W_i C_mᵀ unchanged; in general it becomes its projection on the new C_m."""
+    m = 8
+    gen = viapt(m, instance=False, refresh=1)
+    pca, W = gen.pcas[0], gen.new[0]
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(D, D))[0]                          # the old basis, (D, D) orthonormal
+    R = torch.linalg.qr(torch.randn(D - m, D - m))[0]                  # a rotation inside the complement
+    new_vecs = torch.cat([Q[:, :m], Q[:, m:] @ R], 1)                  # same top-m space, complement rotated
+    variances = torch.cat([torch.linspace(20, 10, m), torch.linspace(1, 0.5, D - m)])
+    with torch.no_grad():
+        pca.basis.copy_(Q)
+        pca.cov.copy_(new_vecs @ torch.diag(variances) @ new_vecs.T)
+        pca.stale.fill_(1)
+    learnt_before, W_before = W.detach() @ Q[:, m:].T, W.detach().clone()
+    gen.eval()                                                         # the refresh before evaluation
+    torch.testing.assert_close(W.detach() @ pca.basis[:, m:].T, learnt_before, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(W.detach(), W_before, atol=1e-3)         # the coordinates did change: the basis rotated
+
+    # a refresh inside training, on real data: the learnt part becomes its projection on the new complement
+    gen.train()
+    old = pca.basis.clone()
+    learnt_before = W.detach() @ old[:, m:].T
+    gen(1, torch.randn(3, 1 + G * G, D), torch.randn(3, P, D) * 3, {})  # refresh=1: this update recomputes
+    C = pca.basis[:, m:]
+    assert not torch.allclose(C, old[:, m:], atol=1e-3)
+    torch.testing.assert_close(W.detach() @ C.T, learnt_before @ C @ C.T, atol=1e-5, rtol=1e-4)
+
+
+DDP_PCA = r"""
+import os, sys, torch, torch.distributed as dist
+from vapt_min.pca_fusion import RunningPCA
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(10 + rank)                             # each rank sees other data
+pca = RunningPCA(6, refresh=2)
+for _ in range(4):
+    pca.update(torch.randn(20, 6) * torch.arange(1.0, 7.0) + rank)
+torch.save({k: v for k, v in pca.state_dict().items()}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_share_one_running_estimate_under_ddp(tmp_path):
+    import os, subprocess, sys
+    from pathlib import Path
+    script = tmp_path / "pca_ddp.py"
+    script.write_text(DDP_PCA)
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+    assert r.returncode == 0, r.stderr
+    a, b = (torch.load(tmp_path / f"rank{k}.pt") for k in (0, 1))
+    for key in ("mean", "cov", "basis"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # bit for bit: one basis, so W_i stay in sync
+    ref = RunningPCA(6, refresh=2)                            # one process, the two ranks' batch statistics averaged
+    gens = [torch.Generator().manual_seed(10 + k) for k in (0, 1)]
+    with torch.no_grad():
+        for _ in range(4):
+            xs = [torch.randn(20, 6, generator=g) * torch.arange(1.0, 7.0) + k for k, g in enumerate(gens)]
+            mus = [x.mean(0) for x in xs]
+            covs = [(x - mu).T @ (x - mu) / 19 for x, mu in zip(xs, mus)]
+            ref.mean.lerp_(sum(mus) / 2, ref.momentum), ref.cov.lerp_(sum(covs) / 2, ref.momentum)
+    torch.testing.assert_close(a["cov"], ref.cov), torch.testing.assert_close(a["mean"], ref.mean)
+
+
+@pytest.mark.parametrize("m", [1, 8, 30])
+def test_history_is_pca_reconstruction_with_the_mean(m):
+    """Our choice for 1 <= m < d: the carried part is PCA's reconstruction z̄ + (Z − z̄) V_m V_mᵀ, mean included
+    (without the mean, training stalled: see the module). With the statistics fitted on Z alone and W_i = 0 it must
+    equal scikit-learn's reconstruction of the same rows."""
+    gen = viapt(m, instance=False, refresh=1).train()
+    gen.pcas[0].momentum = 1.0                                       # the running statistics are this batch's
+    with torch.no_grad():
+        gen.new[0].zero_()
+    torch.manual_seed(3)
+    Z = (torch.randn(16, P, D) @ torch.randn(D, D) * 0.3 + 2.0)      # correlated, with a large common offset
+    got = gen(1, torch.randn(16, 1 + G * G, D), Z, {})               # refresh=1: fitted on Z, then applied
+    sk = PCA(n_components=m).fit(Z.reshape(-1, D).double().numpy())
+    ref = torch.from_numpy(sk.inverse_transform(sk.transform(Z.reshape(-1, D).double().numpy()))).float()
+    torch.testing.assert_close(got.reshape(-1, D), ref, atol=1e-3, rtol=1e-3)
+    assert (got.mean((0, 1)) - 2.0).abs().mean() < 0.2               # the offset survives, whatever m

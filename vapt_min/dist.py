@@ -9,7 +9,9 @@ one-process loop. The rules that make N processes train like one:
   - metrics are sums (loss·n, correct, n) all-reduced across ranks before any ratio is taken;
   - only rank 0 prints and writes files; every rank reads a checkpoint on --resume.
 Exact for per-image losses (CE, V²APT's KL). A loss over the batch as a whole (DA-VPT's Proxy-Anchor terms) sees
-each rank's slice, as per-GPU BatchNorm statistics would; dropout and sampled prompts draw per rank.
+each rank's slice, as per-GPU BatchNorm statistics would; dropout and sampled prompts draw per rank. ViaPT's
+running PCA statistics are averaged over the ranks at every update (pca_fusion.RunningPCA), so all ranks keep one
+basis: its refresh rewrites the learnt coordinates W_i, which must stay identical on every rank.
 """
 from __future__ import annotations
 

@@ -4,10 +4,11 @@ Visual Instance-aware Prompt Tuning (arXiv:2507.07796); we work from a summary (
 and no public code exists, so every choice below is ours, documented here and in lesson 04, and tested.
 
     block 0      P_0 = P^data + Π_k(P^inst),   P^inst = μ + σ ⊙ ε,  (μ, log σ²) = Encoder(E_0)
-    block i ≥ 1  P_i = Z_{i-1} V_m V_mᵀ  +  W_i C_mᵀ
-                       └ history: the previous prompt outputs on their top-m principal directions V_m
-                                        └ adaptation: d − m learnable coordinates on the other directions C_m
+    block i ≥ 1  P_i = z̄ + (Z_{i-1} − z̄) V_m V_mᵀ  +  W_i C_mᵀ
+                       └ history: PCA's reconstruction of the previous prompt outputs from the top-m directions V_m
+                                                     └ adaptation: d − m learnable coordinates on the others, C_m
     m = 0: P_i = W_i, fresh prompts before every block (VPT-Deep).  m = d: P_i = Z_{i-1}, carried (VPT-Shallow).
+    (z̄: the running mean of the prompt outputs.)
 
 Choices where the summary is silent:
 - Principal directions: a running estimate per layer, like BatchNorm's statistics: the mean and covariance of the
@@ -15,10 +16,20 @@ Choices where the summary is silent:
   by variance, are the basis. So evaluation is deterministic and independent of the batch, batch size 1 works, and no
   gradient flows through the eigendecomposition (whose gradient is infinite when eigenvalues repeat). The basis is
   recomputed every `refresh` training steps (an eigendecomposition per layer costs about a training step on CPU) and
-  whenever the model switches to evaluation.
-- Projection without centring: Z V_m V_mᵀ, so m = 0 keeps nothing and m = d keeps Z exactly; the mean's part on C_m
-  belongs to the learnable coordinates. (PCA's reconstruction μ + (Z − μ) V_m V_mᵀ is `pca_reconstruct`.)
-- m = 0 uses the standard basis for the learnable coordinates (no PCA needed): W_i are VPT-Deep's prompts.
+  whenever the model switches to evaluation. Under DistributedDataParallel each batch's statistics are averaged over
+  the ranks before they enter the running estimate, so every rank holds the same basis (as SyncBatchNorm would).
+- A refresh keeps what was learnt: W_i are coordinates in the basis C_m, and a new basis would otherwise turn the
+  learnt part W_i C_mᵀ into an unrelated vector (the low-variance directions of C_m are nearly degenerate, so their
+  eigenvectors rotate freely between refreshes; lesson 04 measures it). On a refresh W_i is re-expressed in the new
+  basis, W_i ← W_i C_oldᵀ C_new: the closest the new complement can hold, exact when the complement did not move.
+  (AdamW's moments for W_i are left in the old coordinates; they fade within a few dozen steps.)
+- The history is PCA's reconstruction, mean included: z̄ + (Z − z̄) V_m V_mᵀ (`pca_reconstruct` with running
+  statistics). We first projected without centring, Z V_m V_mᵀ, which drops the mean's part on C_m: the inserted
+  tokens then lack most of what every prompt output shares (ViT tokens have a large common offset), and training at
+  1 ≤ m < d stalled (lesson 04's budget, m = 32: 29 % test against 56 % with the mean; the corners reach about 60 %).
+- m = 0 keeps nothing, not even the mean: no PCA at all, the standard basis for the learnable coordinates, so W_i are
+  VPT-Deep's prompts exactly, the corner the definition asks for. (PCA with zero components would reconstruct z̄
+  alone; so the step from m = 0 to m = 1 adds the mean and one direction.)
   m = d returns None, the loop's "carry": exactly VPT-Shallow, whose carried prompts get no new dropout.
 - "Concatenated and compressed by PCA": the instance prompts are compressed to their top-k principal directions Π_k
   (running estimate, k = inst_pca_dim) and joined to the dataset prompts slot by slot (a sum: VPT's token count).
@@ -71,21 +82,32 @@ class RunningPCA(nn.Module):
 
     @torch.no_grad()
     def update(self, x):                                               # x: (..., D), detached
+        """Fold one batch into the running statistics; returns the previous basis when this update refreshed it."""
         x = x.reshape(-1, x.shape[-1]).float()                         # (n, D)
         mu = x.mean(0)
         with torch.autocast(x.device.type, enabled=False):             # statistics in fp32 under bf16 autocast
             cov = (x - mu).T @ (x - mu) / max(1, x.shape[0] - 1)       # (D, D)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stats = torch.cat([mu[None], cov])                         # (1 + D, D): one all-reduce
+            torch.distributed.all_reduce(stats)
+            stats /= torch.distributed.get_world_size()
+            mu, cov = stats[0], stats[1:]                              # the same on every rank
         self.mean.lerp_(mu, self.momentum)
         self.cov.lerp_(cov, self.momentum)
         self.stale += 1
         if self.stale >= self.refresh:
-            self.recompute()
+            return self.recompute()
+        return None
 
     @torch.no_grad()
     def recompute(self):
+        """Recompute the basis if statistics arrived since the last time; returns the previous basis, or None."""
         if self.stale > 0:
+            old = self.basis.clone()
             self.basis.copy_(principal_basis(self.cov))
             self.stale.zero_()
+            return old
+        return None
 
     def train(self, mode: bool = True):
         if not mode:
@@ -149,6 +171,19 @@ class ViaPTPrompts(nn.Module):
         self.encoder = InstanceEncoder(num_prompts, dim, grid, bound) if instance else None
         self.inst_pca = RunningPCA(dim, refresh=refresh) if instance else None
 
+    @torch.no_grad()
+    def carry(self, i: int, old_basis):
+        """After block i's basis was refreshed: W_i ← W_i C_oldᵀ C_new, the learnt part re-expressed in the new basis."""
+        if old_basis is not None:
+            C_old, C_new = old_basis[:, self.m:], self.pcas[i].basis[:, self.m:]   # (D, d − m) each
+            self.new[i].copy_(self.new[i] @ (C_old.T @ C_new))
+
+    def train(self, mode: bool = True):
+        if not mode and self.pcas is not None:
+            for i, pca in enumerate(self.pcas):
+                self.carry(i, pca.recompute())                        # the refresh before evaluation, carried
+        return super().train(mode)
+
     def sample(self, mu, logvar):
         if self.training or self.eval_samples > 1:
             return mu + torch.randn_like(mu) * (0.5 * logvar).exp()   # reparameterisation
@@ -170,9 +205,11 @@ class ViaPTPrompts(nn.Module):
             return self.new[i - 1].expand(B, -1, -1)                  # all new: VPT-Deep
         pca = self.pcas[i - 1]
         if self.training:
-            pca.update(prompts.detach())
+            self.carry(i - 1, pca.update(prompts.detach()))
         C = pca.basis[:, self.m:].to(prompts.dtype)                   # C_m: (D, d − m)
-        return pca.project(prompts, self.m) + self.new[i - 1] @ C.T   # Z V_m V_mᵀ + W_i C_mᵀ: (B, P, D)
+        mean = pca.mean.to(prompts.dtype)                             # z̄: (D,)
+        history = mean + pca.project(prompts - mean, self.m)          # z̄ + (Z − z̄) V_m V_mᵀ
+        return history + self.new[i - 1] @ C.T                        # + W_i C_mᵀ: (B, P, D)
 
 
 def viapt_param_count(num_prompts: int, dim: int, depth: int, grid: tuple[int, int], pca_dim: int,
