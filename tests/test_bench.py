@@ -24,3 +24,34 @@ def test_speed_runs_every_prompt_method():
     rows = speed(methods, "vit_tiny_patch16_32", img_size=32, batch_size=4, rounds=1, steps=1, device="cpu")
     assert [r["trainable_params"] for r in rows] == [24_970, 9_480 + 1_930, 21_540 + 1_930, 24_970, 24_970 + 4_608]
     assert all(r["train_step_s"] > 0 and r["infer_s"] > 0 for r in rows)
+
+
+def test_infer_reproduces_the_reported_accuracy_and_times_multi_round(tmp_path, capsys):
+    from conftest import need
+    from vapt_min import train as T
+    from vapt_min.bench import infer
+    from vapt_min.data import data_root
+    need(data_root() / "cifar10" / "train")
+    need(data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "model.safetensors")
+    tiny = ["--n-train", "40", "--n-val", "20", "--test-cap", "40", "--img-size", "32", "--batch-size", "8",
+            "--no-progress", "--max-steps", "3", "--method", "viapt", "--pca-dim", "8"]
+    s = T.train(T.config_from_args([*tiny, "--out", str(tmp_path / "v")]))
+    rows = infer([tmp_path / "v"], samples=(1, 3))
+    assert [r["R"] for r in rows] == [1, 3] and all(r["images"] == 40 and r["seconds"] > 0 for r in rows)
+    assert rows[0]["test_acc"] == s["test_acc"]                    # R = 1 (z = μ) is what training reported
+    assert infer([tmp_path / "v"], samples=(3,))[0]["test_acc"] == rows[1]["test_acc"]   # seeded: reproducible
+    assert "| z = μ |" in capsys.readouterr().out
+
+
+def test_infer_refuses_a_method_without_sampling(tmp_path):
+    from conftest import need
+    from vapt_min import train as T
+    from vapt_min.data import data_root
+    need(data_root() / "cifar10" / "train")
+    need(data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "model.safetensors")
+    T.train(T.config_from_args(["--n-train", "16", "--n-val", "8", "--test-cap", "8", "--img-size", "32",
+                                "--no-progress", "--max-steps", "1", "--out", str(tmp_path / "d")]))
+    with pytest.raises(ValueError, match="does not sample its prompts"):
+        main(["infer", str(tmp_path / "d")])
+    with pytest.raises(SystemExit):
+        main(["infer", str(tmp_path / "d"), "--samples", "0"])

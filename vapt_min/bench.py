@@ -2,12 +2,17 @@
 
     python -m vapt_min.bench speed                              # every method, ViT-Ti/16, 112 px, CPU or GPU
     python -m vapt_min.bench speed --methods vpt-deep v2apt --img-size 224 --batch-size 64
+    python -m vapt_min.bench infer runs/viapt/*-seed0 --samples 1 5   # fixed sampling vs multi-round inference
 
 Speed: the training step (forward, backward, optimizer) and inference time of each method on the same
 backbone, same batch, same precision and attention path as `train.py` would pick. Methods are measured in
 interleaved rounds and each figure is the median over rounds, so slow drift of a shared machine hits every
 method alike; ratios are to VPT-Deep (and to full fine-tuning when it is measured). Random weights: speed
 does not depend on them.
+
+Infer: for trained V²APT / ViaPT runs, test accuracy and evaluation time with fixed sampling (z = μ, R = 1) and
+multi-round inference (the mean logits of R sampled prompt sets), on the run's own test split and loader. R = 1
+must reproduce the test accuracy the run reported; sampled rounds are seeded, so the table is reproducible.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import time
 
 import torch
 
-from .train import METHODS, Config, build_backbone, build_model, pick_device, total_loss, use_bf16
+from .train import (METHODS, Config, build_backbone, build_data, build_loaders, build_model, evaluate, load_run,
+                    pick_device, total_loss, use_bf16)
 
 
 def _sync(device):
@@ -90,6 +96,36 @@ def speed(methods, model_name="vit_tiny_patch16_224", img_size=112, batch_size=3
     return rows
 
 
+def infer(run_dirs, samples=(1, 5), seed=0) -> list[dict]:
+    """Test accuracy and time of each run at each R in `samples` (last checkpoint, the run's device and precision)."""
+    rows = []
+    for run_dir in run_dirs:
+        model, cfg = load_run(run_dir, "last")
+        if not hasattr(model.generator, "eval_samples"):
+            raise ValueError(f"{run_dir}: method {cfg.method!r} does not sample its prompts; multi-round inference "
+                             "needs a v2apt or viapt run")
+        dev = pick_device(cfg)
+        model.to(dev)
+        _, splits = build_data(cfg, model.vit.pretrained_cfg)
+        test_loader = build_loaders(cfg, splits)[2]
+        for R in samples:
+            model.generator.eval_samples = R
+            torch.manual_seed(seed)
+            _sync(dev)
+            t = time.perf_counter()
+            acc = evaluate(model, test_loader, dev, use_bf16(cfg, dev))
+            _sync(dev)
+            rows.append({"run": str(run_dir), "R": R, "test_acc": acc, "seconds": time.perf_counter() - t,
+                         "images": len(splits["test"])})
+    print("| run | inference | test acc | time (s) | img/s | time / R = 1 |\n|---|---|---|---|---|---|")
+    for r in rows:
+        r1 = next(q for q in rows if q["run"] == r["run"])
+        name = "z = μ" if r["R"] == 1 else f"R = {r['R']}"
+        print(f"| {r['run']} | {name} | {100 * r['test_acc']:.1f} | {r['seconds']:.1f} | {r['images'] / r['seconds']:.0f} "
+              f"| {r['seconds'] / r1['seconds']:.2f}x |")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m vapt_min.bench", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="bench", required=True)
@@ -102,8 +138,18 @@ def main(argv=None):
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    i = sub.add_parser("infer", help="fixed sampling vs multi-round inference of trained v2apt / viapt runs",
+                       allow_abbrev=False)
+    i.add_argument("runs", nargs="+", help="run folders (as written by python -m vapt_min.train --out)")
+    i.add_argument("--samples", nargs="+", type=int, default=[1, 5], help="values of R; 1 = z = mu")
+    i.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    speed(a.methods, a.model, a.img_size, a.batch_size, a.rounds, a.steps, a.device, a.precision)
+    if a.bench == "infer":
+        if min(a.samples) < 1:
+            p.error(f"--samples must all be >= 1 (1 = z = mu), got {a.samples}")
+        infer(a.runs, a.samples, a.seed)
+    else:
+        speed(a.methods, a.model, a.img_size, a.batch_size, a.rounds, a.steps, a.device, a.precision)
 
 
 if __name__ == "__main__":
