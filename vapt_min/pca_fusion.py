@@ -22,11 +22,12 @@ Choices where the summary is silent:
   learnt part W_i C_mᵀ into an unrelated vector (the low-variance directions of C_m are nearly degenerate, so their
   eigenvectors rotate freely between refreshes; lesson 04 measures it). On a refresh W_i is re-expressed in the new
   basis, W_i ← W_i C_oldᵀ C_new: the closest the new complement can hold, exact when the complement did not move.
-  (AdamW's moments for W_i are left in the old coordinates; they fade within a few dozen steps.)
+  (AdamW's moments for W_i are left in the old coordinates; the first moment forgets them within a few dozen steps
+  at β₁ = 0.9, the second more slowly. We have not measured what that costs.)
 - The history is PCA's reconstruction, mean included: z̄ + (Z − z̄) V_m V_mᵀ (`pca_reconstruct` with running
   statistics). We first projected without centring, Z V_m V_mᵀ, which drops the mean's part on C_m: the inserted
   tokens then lack most of what every prompt output shares (ViT tokens have a large common offset), and training at
-  1 ≤ m < d stalled (lesson 04's budget, m = 32: 29 % test against 56 % with the mean; the corners reach about 60 %).
+  1 ≤ m < d stalled (lesson 04's budget, m = 32: 29 % test against 54–56 % with the mean; the corners reach about 58 %).
 - m = 0 keeps nothing, not even the mean: no PCA at all, the standard basis for the learnable coordinates, so W_i are
   VPT-Deep's prompts exactly, the corner the definition asks for. (PCA with zero components would reconstruct z̄
   alone; so the step from m = 0 to m = 1 adds the mean and one direction.)
