@@ -55,3 +55,15 @@ def test_infer_refuses_a_method_without_sampling(tmp_path):
         main(["infer", str(tmp_path / "d")])
     with pytest.raises(SystemExit):
         main(["infer", str(tmp_path / "d"), "--samples", "0"])
+
+
+def test_speed_follows_the_precision_and_attention_path(capsys):
+    rows = speed(["vpt-deep"], "vit_tiny_patch16_32", img_size=32, batch_size=2, rounds=1, steps=1, device="cpu",
+                 precision="fp32", attention="sdpa")
+    assert rows[0]["train_step_s"] > 0
+    assert "| fp32 | sdpa attention |" in capsys.readouterr().out
+    main(["speed", "--methods", "linear", "--model", "vit_tiny_patch16_32", "--img-size", "32", "--batch-size", "2",
+          "--rounds", "1", "--steps", "1", "--device", "cpu", "--attention", "explicit"])
+    assert "explicit attention" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["speed", "--attention", "flash"])

@@ -2,6 +2,7 @@
 
     python -m vapt_min.bench speed                              # every method, ViT-Ti/16, 112 px, CPU or GPU
     python -m vapt_min.bench speed --methods vpt-deep v2apt --img-size 224 --batch-size 64
+    python -m vapt_min.bench speed --methods vpt-deep full --precision fp32 --attention explicit   # as the official code
     python -m vapt_min.bench infer runs/viapt/*-seed0 --samples 1 5   # fixed sampling vs multi-round inference
 
 Speed: the training step (forward, backward, optimizer) and inference time of each method on the same
@@ -52,9 +53,9 @@ def time_step(model, opt, x, y, bf16: bool, train: bool) -> float:
 
 
 def speed(methods, model_name="vit_tiny_patch16_224", img_size=112, batch_size=32, rounds=5, steps=3, device="auto",
-          precision="auto", num_prompts=10) -> list[dict]:
+          precision="auto", num_prompts=10, attention="auto") -> list[dict]:
     base = Config(model=model_name, weights="random", img_size=img_size, num_prompts=num_prompts, device=device,
-                  precision=precision)
+                  precision=precision, attention=attention)
     dev = pick_device(base)
     bf16 = use_bf16(base, dev)
     vit = build_backbone(base, dev)
@@ -85,8 +86,8 @@ def speed(methods, model_name="vit_tiny_patch16_224", img_size=112, batch_size=3
             if r0:
                 r[f"train_vs_{ref}"] = r["train_step_s"] / r0["train_step_s"]
                 r[f"infer_vs_{ref}"] = r["infer_s"] / r0["infer_s"]
-    print(f"device {dev} | {'bf16 autocast' if bf16 else 'fp32'} | {model_name} {img_size}px | batch {batch_size} | "
-          f"median of {rounds} rounds × {steps} steps")
+    print(f"device {dev} | {'bf16 autocast' if bf16 else 'fp32'} | {vit.blocks[0].attn.impl} attention | {model_name} "
+          f"{img_size}px | batch {batch_size} | median of {rounds} rounds × {steps} steps")
     cols = [c for c in ("train_vs_vpt-deep", "infer_vs_vpt-deep", "train_vs_full", "infer_vs_full") if c in rows[0]]
     print("| method | trainable params | train step (ms) | train img/s | inference (ms) | " + " | ".join(cols) + " |")
     print("|---" * (5 + len(cols)) + "|")
@@ -138,6 +139,8 @@ def main(argv=None):
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    s.add_argument("--attention", default="auto", choices=("auto", "sdpa", "explicit"),
+                   help="auto: what train.py picks (sdpa on CUDA, explicit on CPU); explicit fp32 is the official codes' path")
     i = sub.add_parser("infer", help="fixed sampling vs multi-round inference of trained v2apt / viapt runs",
                        allow_abbrev=False)
     i.add_argument("runs", nargs="+", help="run folders (as written by python -m vapt_min.train --out)")
@@ -149,7 +152,7 @@ def main(argv=None):
             p.error(f"--samples must all be >= 1 (1 = z = mu), got {a.samples}")
         infer(a.runs, a.samples, a.seed)
     else:
-        speed(a.methods, a.model, a.img_size, a.batch_size, a.rounds, a.steps, a.device, a.precision)
+        speed(a.methods, a.model, a.img_size, a.batch_size, a.rounds, a.steps, a.device, a.precision, attention=a.attention)
 
 
 if __name__ == "__main__":
