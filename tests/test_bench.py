@@ -1,7 +1,17 @@
-"""The speed benchmark runs end to end on a tiny configuration and prints a well-formed table."""
+"""The benchmarks run end to end on tiny configurations and print well-formed tables: speed on random weights,
+infer on a real run trained for a few steps."""
 import pytest
 
-from vapt_min.bench import main, speed
+from conftest import need
+from vapt_min import train as T
+from vapt_min.bench import infer, main, speed
+from vapt_min.data import data_root
+
+
+@pytest.fixture(scope="module")
+def real():
+    need(data_root() / "cifar10" / "train")
+    need(data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "model.safetensors")
 
 
 def test_speed_table_tiny(capsys):
@@ -26,13 +36,7 @@ def test_speed_runs_every_prompt_method():
     assert all(r["train_step_s"] > 0 and r["infer_s"] > 0 for r in rows)
 
 
-def test_infer_reproduces_the_reported_accuracy_and_times_multi_round(tmp_path, capsys):
-    from conftest import need
-    from vapt_min import train as T
-    from vapt_min.bench import infer
-    from vapt_min.data import data_root
-    need(data_root() / "cifar10" / "train")
-    need(data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "model.safetensors")
+def test_infer_reproduces_the_reported_accuracy_and_times_multi_round(real, tmp_path, capsys):
     tiny = ["--n-train", "40", "--n-val", "20", "--test-cap", "40", "--img-size", "32", "--batch-size", "8",
             "--no-progress", "--max-steps", "3", "--method", "viapt", "--pca-dim", "8"]
     s = T.train(T.config_from_args([*tiny, "--out", str(tmp_path / "v")]))
@@ -43,12 +47,7 @@ def test_infer_reproduces_the_reported_accuracy_and_times_multi_round(tmp_path, 
     assert "| z = μ |" in capsys.readouterr().out
 
 
-def test_infer_refuses_a_method_without_sampling(tmp_path):
-    from conftest import need
-    from vapt_min import train as T
-    from vapt_min.data import data_root
-    need(data_root() / "cifar10" / "train")
-    need(data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "model.safetensors")
+def test_infer_refuses_a_method_without_sampling(real, tmp_path):
     T.train(T.config_from_args(["--n-train", "16", "--n-val", "8", "--test-cap", "8", "--img-size", "32",
                                 "--no-progress", "--max-steps", "1", "--out", str(tmp_path / "d")]))
     with pytest.raises(ValueError, match="does not sample its prompts"):

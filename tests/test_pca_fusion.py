@@ -1,5 +1,10 @@
 """ViaPT: the two corner cases (m = 0 is VPT-Deep, m = d is VPT-Shallow), PCA against scikit-learn, the running
 estimate, determinism, degenerate inputs, parameter counts as a function of m, bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,8 +239,6 @@ dist.destroy_process_group()
 
 
 def test_ranks_share_one_running_estimate_under_ddp(tmp_path):
-    import os, subprocess, sys
-    from pathlib import Path
     script = tmp_path / "pca_ddp.py"
     script.write_text(DDP_PCA)
     repo = Path(__file__).resolve().parents[1]

@@ -106,6 +106,7 @@ def infer(run_dirs, samples=(1, 5), seed=0) -> list[dict]:
             raise ValueError(f"{run_dir}: method {cfg.method!r} does not sample its prompts; multi-round inference "
                              "needs a v2apt or viapt run")
         dev = pick_device(cfg)
+        bf16 = use_bf16(cfg, dev)
         model.to(dev)
         _, splits = build_data(cfg, model.vit.pretrained_cfg)
         test_loader = build_loaders(cfg, splits)[2]
@@ -114,7 +115,7 @@ def infer(run_dirs, samples=(1, 5), seed=0) -> list[dict]:
             torch.manual_seed(seed)
             _sync(dev)
             t = time.perf_counter()
-            acc = evaluate(model, test_loader, dev, use_bf16(cfg, dev))
+            acc = evaluate(model, test_loader, dev, bf16)
             _sync(dev)
             rows.append({"run": str(run_dir), "R": R, "test_acc": acc, "seconds": time.perf_counter() - t,
                          "images": len(splits["test"])})
