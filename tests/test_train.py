@@ -88,6 +88,8 @@ def test_backbone_in_eval_mode_inside_train(real, tmp_path, monkeypatch):
     ("viapt", 21_540 + 1_930),  # m = 32, 2×2 grid: 10·192 + 11·10·(192 − 32) + encoder 10·192 + 2·10·4 + 2·10, + head
     ("davpt", 23_040 + 1_930),  # VPT-Deep's prompts: the guidance is a loss, not parameters
     ("davpt+", 23_040 + 2 * 192 * 12 + 1_930),  # + the k and v biases of 12 blocks
+    # VAE 192 + (192·16 + 16) + 12·5·192 + (8·384 + 384), domain prompts with PCA 5·192 + 11·5·(192 − 32), k, v biases, head
+    ("full-v2apt", 18_256 + 9_760 + 4_608 + 1_930),
 ])
 def test_methods_train_what_they_should(real, tmp_path, method, trainable):
     s = T.train(T.config_from_args(["--method", method, "--max-steps", "1", "--out", str(tmp_path / method), *TINY]))
@@ -151,9 +153,9 @@ def test_help_lists_every_option():
     (["--method", "vapt", "--vapt-hidden", "0"], "--vapt-hidden must be >= 1"),
     (["--method", "davpt", "--mg-layers", "12"], "block indices must be in \\[0, 11\\] for a 12-block ViT"),
     (["--method", "davpt", "--mg-layers", "last,3"], "use 'last' or comma-separated block indices"),
-    (["--method", "davpt", "--mg-prompts", "11"], "--mg-prompts 11 must be in \\[1, --num-prompts 10\\]"),
+    (["--method", "davpt", "--mg-prompts", "11"], "--mg-prompts 11 must be in \\[1, 10\\] \\(the --num-prompts\\)"),
     (["--method", "davpt", "--mg-anchor", "cls"], "unknown --mg-anchor 'cls'"),
-    (["--method", "vpt-deep", "--bias-extended"], "use it with --method davpt\\+, not vpt-deep"),
+    (["--method", "vpt-deep", "--bias-extended"], "use it with --method davpt\\+ \\(or full-v2apt with --kv-bias\\), not vpt-deep"),
     (["--optimizer", "adam"], "unknown optimizer 'adam': use adamw or sgd"),
     (["--precision", "fp16"], "unknown precision 'fp16': use auto, bf16 or fp32"),
     (["--attention", "flash"], "unknown attention 'flash': use auto, sdpa or explicit"),
@@ -217,11 +219,13 @@ def test_v2apt_logs_kl_and_reports_a_collapsed_posterior(real, tmp_path, monkeyp
     assert f"warning: epoch 1: {dead}" in printed and f"warning: epoch 2: {dead}" in printed
 
 
-def test_davpt_logs_every_term_and_resume_restores_the_class_map(real, tmp_path, monkeypatch):
-    args = ["--method", "davpt+", "--mg-prompts", "4", "--epochs", "3", *TINY]   # 10 classes on 4 prompts: k-means
+@pytest.mark.parametrize("method", ["davpt+", "full-v2apt"])
+def test_davpt_logs_every_term_and_resume_restores_the_class_map(real, tmp_path, monkeypatch, method):
+    args = ["--method", method, "--mg-prompts", "4", "--epochs", "3", *TINY]   # 10 classes on 4 prompts: k-means
     T.train(T.config_from_args([*args, "--out", str(tmp_path / "full")]))
     rows = metrics_without_times(tmp_path / "full")
     assert all(r["mg_visual"] > 0 and r["mg_cls"] > 0 for r in rows) and "map_changes" in rows[0]
+    assert method != "full-v2apt" or all(r["kl"] > 0 for r in rows)
     calls = {"n": 0}
     real_evaluate = T.evaluate
 

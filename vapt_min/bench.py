@@ -4,6 +4,8 @@
     python -m vapt_min.bench speed --methods vpt-deep v2apt --img-size 224 --batch-size 64
     python -m vapt_min.bench speed --methods vpt-deep full --precision fp32 --attention explicit   # as the official code
     python -m vapt_min.bench infer runs/viapt/*-seed0 --samples 1 5   # fixed sampling vs multi-round inference
+    python -m vapt_min.bench accuracy                           # every method × 3 tasks × 3 seeds, real ViT-Ti/16 (CPU: ~1.5 h)
+    python -m vapt_min.bench accuracy --preset paper --threads 8 --workers 1   # the papers' protocol, on a GPU
 
 Speed: the training step (forward, backward, optimizer) and inference time of each method on the same
 backbone, same batch, same precision and attention path as `train.py` would pick. Methods are measured in
@@ -14,14 +16,31 @@ does not depend on them.
 Infer: for trained V²APT / ViaPT runs, test accuracy and evaluation time with fixed sampling (z = μ, R = 1) and
 multi-round inference (the mean logits of R sampled prompt sets), on the run's own test split and loader. R = 1
 must reproduce the test accuracy the run reported; sampled rounds are seeded, so the table is reproducible.
+
+Accuracy: every method (and the full V²APT's ablation) on CIFAR-10-1k, MNIST-1k and CIFAR-10 at 10 images per class,
+3 seeds, each run a `python -m vapt_min.train` process of its own (`--workers` at a time, `--threads` each). Resumable:
+a finished run (summary.json) is read, not re-run; an interrupted one continues with --resume; results.csv gets a row
+as each run finishes, with the exact command that reproduces it (same machine, same thread count: the same numbers).
+At the end: results.md (mean ± std, trainable parameters and %) and accuracy_vs_params.png in --out.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import json
 import copy
+import csv
 import dataclasses
+import os
+import platform
+import shlex
+import shutil
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -128,6 +147,173 @@ def infer(run_dirs, samples=(1, 5), seed=0) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Accuracy grid
+
+TASKS = {  # name → the train options that select it
+    "cifar10-1k": ["--dataset", "cifar10"],
+    "mnist-1k": ["--dataset", "mnist"],
+    "cifar10-10shot": ["--dataset", "cifar10", "--protocol", "shots", "--shots", "10"],
+}
+ENTRIES = {m: ["--method", m] for m in METHODS}  # row label → train options: every method at its defaults
+ABLATION = {  # the full V²APT with one part off (lesson 07); with all parts off it is VPT-Deep
+    "full-v2apt −vae": ["--method", "full-v2apt", "--no-vae"],
+    "full-v2apt −pca": ["--method", "full-v2apt", "--no-pca"],
+    "full-v2apt −guide": ["--method", "full-v2apt", "--no-guide"],
+    "full-v2apt −bias": ["--method", "full-v2apt", "--no-kv-bias"],
+}
+CSV_FIELDS = ["label", "task", "seed", "test_acc", "best_val_acc", "trainable_params", "trainable_pct", "wall_time_s",
+              "device", "precision", "command"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{**r, "seed": int(r["seed"]), "test_acc": float(r["test_acc"]), "trainable_params": int(r["trainable_params"]),
+                 "trainable_pct": float(r["trainable_pct"])} for r in csv.DictReader(f)]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± sample std of test accuracy (%) over seeds, per (label, task), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["task"]), []).append(r)
+    out = []
+    for (label, task), rs in groups.items():
+        accs = [100 * r["test_acc"] for r in rs]
+        out.append({"label": label, "task": task, "n": len(accs), "mean": statistics.mean(accs),
+                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": sorted(r["seed"] for r in rs),
+                    "trainable_params": rs[0]["trainable_params"], "trainable_pct": rs[0]["trainable_pct"]})
+    return out
+
+
+def results_markdown(rows: list[dict], tasks: list[str]) -> str:
+    """One row per label: test accuracy mean ± std per task (n seeds when fewer than the most), trainable params and %."""
+    summ = {(r["label"], r["task"]): r for r in summarise(rows)}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    most = max((r["n"] for r in summ.values()), default=0)
+    lines = ["| method | trainable params | trainable % | " + " | ".join(tasks) + " |", "|---" * (3 + len(tasks)) + "|"]
+    for label in labels:
+        first = next(summ[(label, t)] for t in tasks if (label, t) in summ)
+        cells = []
+        for t in tasks:
+            r = summ.get((label, t))
+            cells.append("—" if r is None else f"{r['mean']:.1f} ± {r['std']:.1f}" + (f" (n={r['n']})" if r["n"] < most else ""))
+        lines.append(f"| {label} | {first['trainable_params']:,} | {first['trainable_pct']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(out: Path, tasks: list[str], header: str = "") -> str:
+    """Write results.md and accuracy_vs_params.png from results.csv; returns the markdown."""
+    from .plots import plot_grid_results
+    rows = read_results(out / "results.csv")
+    if not rows:
+        raise ValueError(f"{out / 'results.csv'} holds no results yet: run python -m vapt_min.bench accuracy --out {out}")
+    tasks = [t for t in tasks if any(r["task"] == t for r in rows)] or list(dict.fromkeys(r["task"] for r in rows))
+    md = header + results_markdown(rows, tasks) + "\n"
+    (out / "results.md").write_text(md)
+    fig = plot_grid_results([r for r in summarise(rows) if r["task"] in tasks], tasks)
+    fig.savefig(out / "accuracy_vs_params.png", dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return md
+
+
+def grid_jobs(entries: dict, tasks: dict, seeds, only: dict | None = None) -> list[tuple[str, str, int]]:
+    """(label, task, seed) for every entry on every task (or only on `only[label]`'s tasks). Seed-major: after the
+    first third every (method, task) has one result, whatever stops the grid later."""
+    only = only or {}
+    return [(label, task, seed) for seed in seeds for task in tasks for label in entries if task in only.get(label, tasks)]
+
+
+def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", out="results/cpu", runs=None,
+             workers: int = 2, threads: int = 1, extra=(), dry_run: bool = False, only: dict | None = None) -> list[dict]:
+    """Run (or resume) the grid; append each finished run to out/results.csv; write results.md and the plot.
+    entries: row label → train options; tasks: name → train options; only: label → the tasks it runs on (default all)."""
+    out = Path(out)
+    runs = Path(runs or f"runs/bench-{preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    have = {(r["label"], r["task"], r["seed"]) for r in read_results(csv_path)}
+    lock = threading.Lock()
+    jobs = grid_jobs(entries, tasks, seeds, only)
+    started = time.time()
+    done = [0]
+
+    def record(label, task, seed, run_dir, command):
+        s = json.loads((run_dir / "summary.json").read_text())
+        row = {"label": label, "task": task, "seed": seed, "test_acc": s["test_acc"], "best_val_acc": s["best_val_acc"],
+               "trainable_params": s["trainable_params"], "trainable_pct": s["trainable_pct"],
+               "wall_time_s": round(s["wall_time_s"], 1), "device": s["device"], "precision": s["precision"], "command": command}
+        with lock:
+            if (label, task, seed) not in have:
+                new = not csv_path.is_file()
+                with open(csv_path, "a", newline="") as f:
+                    w = csv.DictWriter(f, CSV_FIELDS)
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+                have.add((label, task, seed))
+            done[0] += 1
+            left = len(jobs) - done[0]
+            eta = (time.time() - started) / (done[0] - skipped) * left if done[0] > skipped else 0
+            print(f"[{done[0]}/{len(jobs)}] {label} | {task} | seed {seed}: test {100 * s['test_acc']:.1f} % "
+                  f"({s['wall_time_s']:.0f} s){f' | about {eta / 60:.0f} min left' if left and eta else ''}", flush=True)
+        return row
+
+    def run(job):
+        label, task, seed = job
+        run_dir = runs / label.replace(" ", "_") / task / f"seed{seed}"
+        args = ["--preset", preset, *tasks[task], *entries[label], "--seed", str(seed), *extra, "--out", str(run_dir)]
+        command = f"OMP_NUM_THREADS={threads} python -m vapt_min.train " + shlex.join(args)
+        if (run_dir / "summary.json").is_file():
+            return record(label, task, seed, run_dir, command)
+        if (run_dir / "train_state.pt").is_file():     # interrupted after an epoch: continue it
+            args = ["--resume", str(run_dir)]
+        elif run_dir.exists():                         # interrupted before its first epoch finished: nothing to keep
+            shutil.rmtree(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = run_dir.parent / f"seed{seed}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with open(log, "w") as f:
+            rc = subprocess.run([sys.executable, "-m", "vapt_min.train", *args, "--no-progress"], env=env, stdout=f,
+                                stderr=subprocess.STDOUT).returncode
+        if rc:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
+            print(f"FAILED {label} | {task} | seed {seed} (exit {rc}); log {log}:\n{tail}", flush=True)
+            return None
+        return record(label, task, seed, run_dir, command)
+
+    skipped = sum((runs / l.replace(" ", "_") / t / f"seed{s}" / "summary.json").is_file() for l, t, s in jobs)
+    print(f"accuracy grid: {len(entries)} entries × {len(tasks)} tasks × {len(seeds)} seeds = {len(jobs)} runs "
+          f"({skipped} finished before) | preset {preset} | {workers} workers × {threads} threads | runs in {runs} | "
+          f"results in {csv_path}", flush=True)
+    if dry_run:
+        for label, task, seed in jobs:
+            print(f"  {label} | {task} | seed {seed}")
+        return []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        rows = list(pool.map(run, jobs))
+    header = (f"Test accuracy (%) over seeds {', '.join(map(str, seeds))}: `python -m vapt_min.bench accuracy --preset {preset}`, "
+              f"{workers} workers × {threads} threads; {machine()}; {time.strftime('%Y-%m-%d')}.\n\n")
+    print(report(out, list(tasks), header))
+    failed = [j for j, r in zip(jobs, rows) if r is None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} runs failed (logs next to their run folders); run the same command again to retry them")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m vapt_min.bench", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="bench", required=True)
@@ -147,7 +333,37 @@ def main(argv=None):
     i.add_argument("runs", nargs="+", help="run folders (as written by python -m vapt_min.train --out)")
     i.add_argument("--samples", nargs="+", type=int, default=[1, 5], help="values of R; 1 = z = mu")
     i.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("accuracy", help="test accuracy of every method on 3 tasks × 3 seeds (resumable)", allow_abbrev=False)
+    g.add_argument("--methods", nargs="+", default=list(ENTRIES), choices=list(ENTRIES) + list(ABLATION),
+                   help="row labels: the methods, and the full V²APT ablation (" + ", ".join(ABLATION) + ")")
+    g.add_argument("--ablation", action="store_true", help="add the full V²APT ablation rows (on cifar10-1k only)")
+    g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    g.add_argument("--preset", default="cpu", help="train preset: cpu (8 epochs, 1,000 test images: about 1.5 h on 2 cores) or paper (224 px, 100 epochs: a GPU)")
+    g.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
+    g.add_argument("--runs", default=None, help="run folders (default: runs/bench-<preset>)")
+    g.add_argument("--workers", type=int, default=2, help="runs at a time")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per run (part of what makes a row reproducible)")
+    g.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    g.add_argument("--report", action="store_true", help="only rewrite results.md and the plot from results.csv")
     a = p.parse_args(argv)
+    if a.bench == "accuracy":
+        from .train import PRESETS
+        if a.preset not in PRESETS:
+            p.error(f"unknown --preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
+        if a.workers < 1 or a.threads < 1:
+            p.error("--workers and --threads must be >= 1")
+        out = Path(a.out or f"results/{a.preset}")
+        if a.report:
+            print(report(out, a.tasks))
+            return
+        entries = {m: {**ENTRIES, **ABLATION}[m] for m in a.methods}
+        if a.ablation:
+            entries.update(ABLATION)
+        only = {label: ["cifar10-1k"] for label in ABLATION}  # the ablation is lesson 07's, on CIFAR-10-1k
+        accuracy(entries, {t: TASKS[t] for t in a.tasks}, a.seeds, a.preset, out, a.runs, a.workers, a.threads,
+                 dry_run=a.dry_run, only=only)
+        return
     if a.bench == "infer":
         if min(a.samples) < 1:
             p.error(f"--samples must all be >= 1 (1 = z = mu), got {a.samples}")

@@ -220,7 +220,8 @@ class MetricGuidedPrompts(nn.Module):
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, blocks, num_classes: int,
                  guided_layers=None, num_guided: int | None = None, lambda_visual: float = 0.1, lambda_cls: float = 0.1,
-                 alpha: float = 32.0, delta: float = 0.1, normalise: str = "original", anchor: str = "attn", seed: int = 0):
+                 alpha: float = 32.0, delta: float = 0.1, normalise: str = "original", anchor: str = "attn", seed: int = 0,
+                 own_prompts: bool = True):
         super().__init__()
         guided_layers = tuple(sorted(set((depth - 1,) if guided_layers is None else guided_layers)))
         num_guided = num_prompts if num_guided is None else num_guided
@@ -238,7 +239,9 @@ class MetricGuidedPrompts(nn.Module):
             raise ValueError(f"normalise must be 'original' or 'all' (got {normalise!r}); "
                              f"anchor must be 'attn' or 'mean' (got {anchor!r})")
         bound = prompt_init_bound(patch_size, dim)
-        self.prompts = nn.Parameter(torch.empty(depth, num_prompts, dim).uniform_(-bound, bound))  # (L, P, D), as DeepPrompts
+        # own_prompts=False: the guidance alone, for prompts made elsewhere (the full V²APT): call guide(...) with them.
+        self.prompts = nn.Parameter(torch.empty(depth, num_prompts, dim).uniform_(-bound, bound)) \
+            if own_prompts else None                                    # (L, P, D), as DeepPrompts
         object.__setattr__(self, "blocks", blocks)                      # a plain reference: not registered, not saved
         self.guided_layers, self.anchor, self.normalise = guided_layers, anchor, normalise
         self.alpha, self.delta = alpha, delta
@@ -252,23 +255,29 @@ class MetricGuidedPrompts(nn.Module):
 
     def forward(self, i, tokens, prompts, aux):
         B = tokens.shape[0]
-        guiding = self.training and self.targets is not None and any(w > 0 for w in self.loss_weights.values())
-        if guiding and i in self.guided_layers:
-            self.guide(i, tokens, aux)
+        if self.guiding(i):
+            self.guide(i, tokens, aux, self.prompts[i].expand(B, -1, -1), self.prompts[i, :self.map.num_proxies])
         return self.prompts[i].expand(B, -1, -1)                        # (B, P, D): VPT-Deep
 
-    def guide(self, i, tokens, aux):
-        blk, D, G = self.blocks[i], tokens.shape[-1], self.map.num_proxies
+    def guiding(self, i: int) -> bool:
+        """Whether block i adds the guidance losses now: training, labels set, a non-zero weight, a guided block."""
+        return (self.training and self.targets is not None and i in self.guided_layers
+                and any(w > 0 for w in self.loss_weights.values()))
+
+    def guide(self, i, tokens, aux, prompts, proxy_prompts):
+        """Add block i's two terms to aux. prompts (B, P, D): every prompt entering block i (for the attention anchors);
+        proxy_prompts (G, D): the guided prompts, whose queries are the proxies."""
+        blk, D = self.blocks[i], tokens.shape[-1]
         y = self.map(self.targets)                                      # (B,) guided prompt ids: the loss's classes
         W_q, b_q = blk.attn.qkv.weight[:D], blk.attn.qkv.bias[:D]       # the q part of the fused projection (frozen)
-        proxies = F.linear(blk.norm1(self.prompts[i, :G]), W_q, b_q)    # (G, D): the guided prompts' queries
+        proxies = F.linear(blk.norm1(proxy_prompts), W_q, b_q)          # (G, D): the guided prompts' queries
         share = 1.0 / len(self.guided_layers)                           # aux holds the mean over guided layers
         if self.loss_weights["mg_visual"] > 0:
             if self.anchor == "attn":
-                P = self.prompts.shape[1]
+                P = prompts.shape[1]
                 # §3.3: block i's attention output, recomputed here (the loop runs the block after us; its prompts
                 # have been through prompt dropout, ours not: a train-time-only difference), patch positions only.
-                seq = torch.cat([tokens[:, :1], self.prompts[i].expand(tokens.shape[0], -1, -1), tokens[:, 1:]], 1)
+                seq = torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], 1)
                 anchors = blk.attn(blk.norm1(seq))[:, 1 + P:].mean(1)   # (B, 1+P+N, D) → (B, D)
             else:
                 anchors = tokens[:, 1:].mean(1)                         # (B, D): mean patch token entering block i

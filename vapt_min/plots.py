@@ -103,6 +103,25 @@ def plot_acc_vs_params(rows: list[dict], acc_key: str = "test_acc"):
     return fig
 
 
+def plot_grid_results(rows: list[dict], tasks: list[str]):
+    """The accuracy grid: one panel per task, mean test accuracy ± std over seeds against trainable parameters (log).
+    rows: `bench.summarise` output (label, task, mean, std, trainable_params)."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task):
+            ax.errorbar(r["trainable_params"], r["mean"], yerr=r["std"], fmt="o", ms=5, capsize=3)
+            ax.annotate(r["label"], (r["trainable_params"], r["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.12)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(task)
+        ax.set_xlabel("trainable parameters (head included)")
+        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 @torch.no_grad()
 def prompt_map(model, x: torch.Tensor, which: slice = slice(None)) -> torch.Tensor:
     """V²APT's Fig. 3 "prompt map" (our definition; the paper gives no formula): before every block, the cosine

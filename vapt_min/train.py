@@ -42,11 +42,12 @@ from . import dist as vdist
 from .prompts import DeepPrompts, PromptedViT, ShallowPrompts
 from .adaptive_prompt import AdaptivePrompts
 from .pca_fusion import ViaPTPrompts
-from .metric_guidance import MetricGuidedPrompts, class_means, enable_bias_tuning
+from .metric_guidance import ClassPromptMap, MetricGuidedPrompts, class_means, enable_bias_tuning
 from .vae_prompt import VAEPrompts
+from .full_v2apt import FullV2APTPrompts
 from .vit import ViT, from_pretrained, parse_name
 
-METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt", "viapt", "vapt", "davpt", "davpt+")
+METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt", "viapt", "vapt", "davpt", "davpt+", "full-v2apt")
 PROTOCOLS = vdata.PROTOCOLS
 
 
@@ -87,6 +88,11 @@ class Config:
     mg_normalise: str = field(default="original", metadata={"help": "davpt: 'original' (positive term over proxies with positives) or 'all'"})
     mg_anchor: str = field(default="attn", metadata={"help": "davpt: visual anchors, 'attn' (saliency-weighted attention output, §3.3) or 'mean' patch token"})
     bias_extended: bool = field(default=False, metadata={"help": "davpt+: also tune attn.proj, mlp.fc2, norm1 and norm2 biases"})
+    vae: bool = field(default=True, metadata={"help": "full-v2apt: VAE instance prompts next to the domain prompts (V²APT; "
+                                                      "uses --inst-prompts, --latent-dim, --beta)"})
+    pca: bool = field(default=True, metadata={"help": "full-v2apt: ViaPT's PCA fusion of the domain prompts across layers (uses --pca-dim, --pca-refresh)"})
+    guide: bool = field(default=True, metadata={"help": "full-v2apt: DA-VPT's metric guidance of the domain prompts (uses the --mg-* options)"})
+    kv_bias: bool = field(default=True, metadata={"help": "full-v2apt: DA-VPT+'s k, v bias tuning (with --bias-extended, more biases)"})
     aux_warmup_epochs: float = field(default=0.0, metadata={"help": "ramp every auxiliary loss weight (e.g. v2apt's KL) linearly from 0 over this many epochs"})
     prompt_dropout: float = field(default=0.1, metadata={"help": "dropout on the prompt tokens"})
     epochs: int = field(default=20, metadata={"help": "training epochs"})
@@ -137,7 +143,11 @@ class Config:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_val < 0 or self.num_workers < 0 or (self.test_cap is not None and self.test_cap < 1):
             bad(f"need n_val >= 0, num_workers >= 0 and test_cap >= 1 (or none), got {self.n_val}, {self.num_workers}, {self.test_cap}")
-        if self.method == "v2apt":
+        full = self.method == "full-v2apt"
+        if full and (self.pca or self.guide) and self.vae and self.inst_prompts >= self.num_prompts:
+            bad(f"--inst-prompts {self.inst_prompts} of --num-prompts {self.num_prompts} leaves no domain prompts for the PCA "
+                "fusion and the guidance: lower --inst-prompts, or add --no-pca --no-guide")
+        if self.method == "v2apt" or (full and self.vae):
             if not 1 <= self.inst_prompts <= self.num_prompts:
                 bad(f"prompt split does not add up: --inst-prompts {self.inst_prompts} of --num-prompts {self.num_prompts}; "
                     "use 1 <= inst_prompts <= num_prompts (the rest are domain prompts)")
@@ -156,30 +166,39 @@ class Config:
                 bad(f"--vapt-hidden must be >= 1, got {self.vapt_hidden}")
             if not 0 <= self.vapt_dropout < 1:
                 bad(f"--vapt-dropout must be in [0, 1), got {self.vapt_dropout}")
-        if self.method in ("davpt", "davpt+"):
+        if self.method in ("davpt", "davpt+") or (full and self.guide):
             depth = parse_name(self.model)["depth"]
             try:
                 guided_blocks(self.mg_layers, depth)
             except ValueError as e:
                 bad(str(e))
-            if self.mg_prompts is not None and not 1 <= self.mg_prompts <= self.num_prompts:
-                bad(f"--mg-prompts {self.mg_prompts} must be in [1, --num-prompts {self.num_prompts}]")
+            n_dom = self.num_prompts - (self.inst_prompts if full and self.vae else 0)  # the prompts that can be guided
+            if self.mg_prompts is not None and not 1 <= self.mg_prompts <= n_dom:
+                bad(f"--mg-prompts {self.mg_prompts} must be in [1, {n_dom}] (the " + ("domain prompts: --num-prompts minus "
+                    "--inst-prompts)" if full and self.vae else "--num-prompts)"))
             if min(self.mg_visual, self.mg_cls, self.mg_delta) < 0 or self.mg_alpha <= 0:
                 bad("--mg-visual, --mg-cls and --mg-delta must be >= 0 and --mg-alpha > 0")
             if self.mg_normalise not in ("original", "all"):
                 bad(f"unknown --mg-normalise {self.mg_normalise!r}: use original or all")
             if self.mg_anchor not in ("attn", "mean"):
                 bad(f"unknown --mg-anchor {self.mg_anchor!r}: use attn or mean")
-        if self.bias_extended and self.method != "davpt+":
-            bad(f"--bias-extended extends DA-VPT+'s bias tuning: use it with --method davpt+, not {self.method}")
+        if self.bias_extended and not (self.method == "davpt+" or (full and self.kv_bias)):
+            bad(f"--bias-extended extends DA-VPT+'s bias tuning: use it with --method davpt+ (or full-v2apt with --kv-bias), "
+                f"not {self.method}")
         if self.aux_warmup_epochs < 0:
             bad(f"--aux-warmup-epochs must be >= 0, got {self.aux_warmup_epochs}")
         if not 0 <= self.prompt_dropout < 1:
             bad(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.eval_samples != 1 and self.method not in ("v2apt", "viapt"):  # the methods whose prompts are sampled
-            bad(f"--eval-samples {self.eval_samples} averages sampled prompts, which only v2apt and viapt draw: drop it for --method {self.method}")
+        if self.eval_samples != 1 and self.method not in ("v2apt", "viapt") and not (full and self.vae):  # sampled prompts
+            bad(f"--eval-samples {self.eval_samples} averages sampled prompts, which only v2apt, viapt and full-v2apt with its "
+                f"VAE draw: drop it for --method {self.method}" + (" --no-vae" if full else ""))
+        if full and self.pca and not 1 <= self.pca_dim <= parse_name(self.model)["dim"]:
+            dim = parse_name(self.model)["dim"]
+            bad(f"--pca-dim {self.pca_dim} must be in [1, {dim}] for full-v2apt's PCA fusion (or turn it off: --no-pca)")
+        if full and self.pca and self.pca_refresh < 1:
+            bad(f"--pca-refresh must be >= 1 step, got {self.pca_refresh}")
         if self.method == "viapt":
             dim = parse_name(self.model)["dim"]
             if not 0 <= self.pca_dim <= dim:
@@ -199,6 +218,9 @@ class Config:
 # Presets set defaults; options given on the command line override them.
 PRESETS = {
     "default": {},  # CPU: CIFAR-10-1k, 112 px, 20 epochs — the README's main job
+    # The accuracy grid on CPU (python -m vapt_min.bench accuracy): 8 epochs and a 1,000-image test subset, so 10 methods
+    # × 3 tasks × 3 seeds finish in about 1.5 h on 2 cores. Fewer epochs than the default: figures are lower.
+    "cpu": dict(epochs=8, warmup_epochs=1.0, test_cap=1000),
     "paper": dict(img_size=224, epochs=100, batch_size=64, warmup_epochs=10, test_cap=None, num_workers=8),
 }
 
@@ -267,10 +289,17 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
         gen = MetricGuidedPrompts(cfg.num_prompts, D, L, p, vit.blocks, num_classes, guided_blocks(cfg.mg_layers, L),
                                   cfg.mg_prompts, cfg.mg_visual, cfg.mg_cls, cfg.mg_alpha, cfg.mg_delta, cfg.mg_normalise,
                                   cfg.mg_anchor, seed=cfg.seed)
+    elif cfg.method == "full-v2apt":
+        guide = dict(blocks=vit.blocks, num_classes=num_classes, guided_layers=guided_blocks(cfg.mg_layers, L),
+                     num_guided=cfg.mg_prompts, lambda_visual=cfg.mg_visual, lambda_cls=cfg.mg_cls, alpha=cfg.mg_alpha,
+                     delta=cfg.mg_delta, normalise=cfg.mg_normalise, anchor=cfg.mg_anchor, seed=cfg.seed)
+        gen = FullV2APTPrompts(cfg.num_prompts, D, L, p, cfg.img_size // p, vae=cfg.vae, inst_prompts=cfg.inst_prompts,
+                               latent_dim=cfg.latent_dim, beta=cfg.beta, eval_samples=cfg.eval_samples,
+                               pca_dim=cfg.pca_dim if cfg.pca else 0, refresh=cfg.pca_refresh, guide=guide if cfg.guide else None)
     else:
         raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     model = PromptedViT(vit, num_classes, gen, prompt_dropout=cfg.prompt_dropout)
-    if cfg.method == "davpt+":
+    if cfg.method == "davpt+" or (cfg.method == "full-v2apt" and cfg.kv_bias):
         enable_bias_tuning(vit, extended=cfg.bias_extended)  # after PromptedViT, which freezes the whole backbone
     return model
 
@@ -415,6 +444,13 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
             else torch.optim.SGD(params, lr, momentum=0.9, weight_decay=cfg.weight_decay))
 
 
+def clustered(gen) -> bool:
+    """A metric-guided generator (DA-VPT, the full V²APT with guidance) with more classes than guided prompts: its
+    class → prompt map is clustered before training and after every epoch (§3.4). With fewer, class c → prompt c."""
+    m = getattr(gen, "map", None)
+    return isinstance(m, ClassPromptMap) and m.num_classes > m.num_proxies
+
+
 def update_class_map(model: PromptedViT, features_of: nn.Module, loader, device, bf16: bool) -> int:
     """DA-VPT's class → prompt map (§3.4) from the class means of `features_of` over the train split (the frozen
     backbone before training, the prompted model after each epoch). Rank 0 clusters, every rank receives its map:
@@ -482,7 +518,7 @@ def train(cfg: Config) -> dict:
             (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= start))
 
     # DA-VPT with more classes than guided prompts clusters them (with fewer, class c → prompt c: nothing to do)
-    guided = isinstance(model.generator, MetricGuidedPrompts) and model.generator.map.num_classes > model.generator.map.num_proxies
+    guided = clustered(model.generator)
     if guided:  # DA-VPT's class → prompt map (§3.4): from the frozen backbone, or restored on --resume
         map_loader = DataLoader(splits["train"], 2 * cfg.batch_size, num_workers=cfg.num_workers)  # unshuffled, all of it
         if cfg.resume:
@@ -605,7 +641,7 @@ def check(cfg: Config) -> dict:
     loader = build_loaders(cfg, splits, rank, world)[0]
     total = cfg.epochs * len(loader) if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * len(loader))
     done = st["step"] if st else 0
-    guided = isinstance(model.generator, MetricGuidedPrompts) and model.generator.map.num_classes > model.generator.map.num_proxies
+    guided = clustered(model.generator)
     if guided:  # timing only: any class map will do
         model.generator.update_map(torch.randn(len(source.classes), vit.dim))
 

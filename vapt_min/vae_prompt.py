@@ -42,7 +42,7 @@ class VAEPrompts(nn.Module):
     """Prompt generator: [instance prompts from the VAE | static domain prompts] before every block."""
 
     def __init__(self, num_prompts: int, inst_prompts: int, dim: int, depth: int, patch_size: int,
-                 latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1):
+                 latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, with_domain: bool = True):
         super().__init__()
         if not 1 <= inst_prompts <= num_prompts:
             raise ValueError(f"prompt split does not add up: {inst_prompts} instance prompts out of {num_prompts} per "
@@ -57,7 +57,10 @@ class VAEPrompts(nn.Module):
         self.eval_samples = eval_samples
         self.loss_weights = {"kl": beta}            # read by PromptedViT.aux_weights: loss = CE + β·KL
         bound = prompt_init_bound(patch_size, dim)
-        self.domain = nn.Parameter(torch.empty(depth, num_prompts - inst_prompts, dim).uniform_(-bound, bound))  # (L, P_dom, D)
+        # with_domain=False: the instance part alone (the full V²APT brings its own domain prompts); forward then
+        # returns P_i^inst only. Created first, as before, so a seed gives the same initialisation as ever.
+        self.domain = nn.Parameter(torch.empty(depth, num_prompts - inst_prompts, dim).uniform_(-bound, bound)) \
+            if with_domain else None                                                                    # (L, P_dom, D)
         # Encoder
         self.query = nn.Parameter(torch.zeros(dim))                      # zero: the pooling starts as a mean
         self.to_latent = nn.Linear(dim, 2 * latent_dim)                   # → [μ, log σ²]
@@ -94,4 +97,6 @@ class VAEPrompts(nn.Module):
             aux["kl"] = kl_standard_normal(mu, logvar)
             self._inst = self.decode(self.sample(mu, logvar))                   # (B, L, P_inst, D)
         inst = self._inst[:, i]                                                 # (B, P_inst, D)
+        if self.domain is None:
+            return inst
         return torch.cat([inst, self.domain[i].expand(B, -1, -1)], dim=1)       # P̂_i: (B, P, D)

@@ -1,0 +1,101 @@
+"""The full V²APT: the course's parts composed in one prompt generator, each part a switch.
+
+    before block i:  P_i = [ P_i^inst | P_i^dom ]                              (B, P, D): VPT-Deep's token count
+        P_i^inst = Decoder(z),  z ~ N(μ, σ²) = Encoder(E_0)                   vae:   V²APT's instance prompts
+        P_i^dom  = W_i                                                         (pca off: VPT-Deep's domain prompts)
+                 = z̄ + (Z_{i-1} − z̄) V_m V_mᵀ + W_i C_mᵀ   (i ≥ 1)             pca:   ViaPT's fusion across layers,
+                                                                                      Z_{i-1} = block i−1's domain outputs
+    loss = CE + β·KL  [vae]  + β_v·L_ML(X, P^dom) + λ·L_ML(P^dom, x_cls)  [guide: DA-VPT on the domain prompts]
+    kv_bias: the k, v biases of every attention layer train too (DA-VPT+)
+
+Every switch off gives back the method the part came from, exactly (same parameters, same logits; tests):
+    all off → VPT-Deep     vae → V²APT     pca → ViaPT without its instance branch (the VAE is the instance branch here)
+    guide → DA-VPT         guide + kv_bias → DA-VPT+
+
+Our choices where no paper composes these parts (lesson 07 says so too):
+- The VAE makes the instance prompts, ViaPT's PCA acts on the domain prompts only: the instance prompts are fresh
+  from the decoder before every block (as in V²APT), the domain prompts carry the previous block's domain outputs
+  through the kept principal directions (as in ViaPT). ViaPT's own instance encoder is not used: two instance
+  branches would do one job twice.
+- The metric guidance acts on the domain prompts: they are the prompts DA-VPT guides (static, shared by the dataset);
+  the proxies are the first G domain prompts. With pca on, the domain prompts depend on the image through the history,
+  so the proxies are their mean over the batch (with pca off the prompts are the same for every image and we take them
+  as they are, which is what DA-VPT does). The attention anchors see every prompt entering the guided block.
+- With vae on and pca at m = d (carry), the carried domain outputs pass the prompt dropout again with the new
+  instance prompts; without the VAE the generator returns None (the loop's carry) and VPT-Shallow stays exact.
+
+Shapes: B batch, N patches, P prompts (P_inst + P_dom), D width, L layers, G guided prompts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .metric_guidance import MetricGuidedPrompts
+from .pca_fusion import ViaPTPrompts
+from .prompts import DeepPrompts
+from .vae_prompt import VAEPrompts
+
+
+class FullV2APTPrompts(nn.Module):
+    """The composed generator. vae: inst_prompts of the num_prompts are instance prompts. pca_dim = m > 0: ViaPT's
+    fusion on the domain prompts (m = 0: off). guide: a dict of MetricGuidedPrompts options (blocks, num_classes,
+    guided_layers, num_guided, lambda_visual, ...) or None. K/V bias tuning is `enable_bias_tuning` on the backbone."""
+
+    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, grid, *, vae: bool = True,
+                 inst_prompts: int = 5, latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, pca_dim: int = 0,
+                 refresh: int = 25, guide: dict | None = None):
+        super().__init__()
+        n_inst = inst_prompts if vae else 0
+        n_dom = num_prompts - n_inst
+        if vae and not 1 <= inst_prompts <= num_prompts:
+            raise ValueError(f"prompt split does not add up: {inst_prompts} instance prompts out of {num_prompts}; "
+                             "use 1 <= inst_prompts <= num_prompts")
+        if n_dom < 1:
+            raise ValueError(f"no domain prompts left ({inst_prompts} instance prompts of {num_prompts}): the PCA fusion and "
+                             "the guidance act on the domain prompts; lower --inst-prompts, or turn off --pca and --guide")
+        if not 0 <= pca_dim <= dim:
+            raise ValueError(f"pca_dim m must be in [0, {dim}] (0 = off), got {pca_dim}")
+        self.n_inst, self.m, self.dim = n_inst, pca_dim, dim
+        # Created in the order of the parts, each by the module it comes from.
+        self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, latent_dim, beta, eval_samples,
+                              with_domain=False) if vae else None
+        self.domain = (ViaPTPrompts(n_dom, dim, depth, patch_size, grid, pca_dim, instance=False, refresh=refresh)
+                       if pca_dim > 0 else DeepPrompts(n_dom, dim, depth, patch_size))
+        self.guidance = MetricGuidedPrompts(n_dom, dim, depth, patch_size, **guide, own_prompts=False) if guide else None
+        self.loss_weights = {**(self.vae.loss_weights if vae else {}), **(self.guidance.loss_weights if guide else {})}
+        if guide:
+            self.map = self.guidance.map                                # the class → prompt map, read by train.py
+            self.targets = None                                         # set by PromptedViT.forward
+
+    # What PromptedViT and train.py read from a generator, forwarded to the part that owns it.
+    @property
+    def eval_samples(self) -> int:
+        return self.vae.eval_samples if self.vae is not None else 1
+
+    @eval_samples.setter
+    def eval_samples(self, R: int):
+        if self.vae is None:
+            raise ValueError("multi-round inference samples the VAE's latent: this full V²APT has --no-vae")
+        self.vae.eval_samples = R
+
+    def update_map(self, class_means) -> int:
+        return self.guidance.update_map(class_means)
+
+    def forward(self, i, tokens, prompts, aux):
+        B = tokens.shape[0]
+        previous = None if prompts is None else prompts[:, self.n_inst:]  # block i−1's domain outputs: (B, P_dom, D)
+        dom = self.domain(i, tokens, previous, aux)                     # (B, P_dom, D), or None: carry (m = d)
+        inst = self.vae(i, tokens, prompts, aux) if self.vae is not None else None  # (B, P_inst, D)
+        if self.guidance is not None:
+            self.guidance.targets = getattr(self, "targets", None)
+            if self.guidance.guiding(i):
+                current = previous if dom is None else dom
+                everything = current if inst is None else torch.cat([inst, current], dim=1)
+                G = self.guidance.map.num_proxies
+                static = self.m == 0                                    # DeepPrompts: the same prompts for every image
+                proxy_prompts = self.domain.prompts[i, :G] if static else current[:, :G].mean(0)  # (G, D)
+                self.guidance.guide(i, tokens, aux, everything, proxy_prompts)
+        if inst is None:
+            return dom                                                  # None carries (ViaPT m = d, VPT-Shallow)
+        return torch.cat([inst, previous if dom is None else dom], dim=1)  # P̂_i = [P_i^inst, P_i^dom]: (B, P, D)
