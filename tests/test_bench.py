@@ -1,11 +1,20 @@
 """The benchmarks run end to end on tiny configurations and print well-formed tables: speed on random weights,
 infer on a real run trained for a few steps."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from conftest import need
 from vapt_min import train as T
-from vapt_min.bench import infer, main, speed
+from vapt_min.bench import accuracy, infer, main, read_results, speed
 from vapt_min.data import data_root
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +30,19 @@ def test_speed_table_tiny(capsys):
     assert [r["trainable_params"] for r in rows] == [23_040 + 1_930, 29_776 + 1_930, 1_930]
     assert all(r["train_step_s"] > 0 and r["infer_s"] > 0 for r in rows)
     out = capsys.readouterr().out
-    assert out.count("\n| ") == 4 and "| v2apt | 31,706 |" in out
+    assert out.count("\n| ") == 4 and "| v2apt | 31,706 |" in out and "train memory (MiB)" in out
+
+
+def test_speed_memory_separates_the_methods():
+    rows = {r["method"]: r for r in speed(["vpt-deep", "full", "linear"], "vit_tiny_patch16_32", img_size=32, batch_size=4,
+                                          rounds=1, steps=1, device="cpu")}
+    full, deep, lin = rows["full"], rows["vpt-deep"], rows["linear"]
+    # AdamW keeps two fp32 moments per trainable parameter; the gradients are one more copy, counted in the step
+    assert full["state_mib"] == pytest.approx(2 * 4 * full["trainable_params"] / 2**20, rel=1e-4)  # + a step count each
+    assert deep["state_mib"] == pytest.approx(2 * 4 * deep["trainable_params"] / 2**20, rel=1e-3)
+    assert full["step_mib"] > 4 * full["trainable_params"] / 2**20 + deep["step_mib"] * 0.5  # weight gradients + activations
+    assert full["memory_mib"] > deep["memory_mib"] > lin["memory_mib"] >= 0
+    assert deep["memory_vs_vpt-deep"] == 1.0 and full["memory_vs_full"] == 1.0
 
 
 def test_unknown_method_is_an_error():
@@ -30,9 +51,10 @@ def test_unknown_method_is_an_error():
 
 
 def test_speed_runs_every_prompt_method():
-    methods = ["vpt-deep", "vapt", "viapt", "davpt", "davpt+"]
+    methods = ["vpt-deep", "vapt", "viapt", "davpt", "davpt+", "full-v2apt"]
     rows = speed(methods, "vit_tiny_patch16_32", img_size=32, batch_size=4, rounds=1, steps=1, device="cpu")
-    assert [r["trainable_params"] for r in rows] == [24_970, 9_480 + 1_930, 21_540 + 1_930, 24_970, 24_970 + 4_608]
+    assert [r["trainable_params"] for r in rows] == [24_970, 9_480 + 1_930, 21_540 + 1_930, 24_970, 24_970 + 4_608,
+                                                     18_256 + 9_760 + 4_608 + 1_930]
     assert all(r["train_step_s"] > 0 and r["infer_s"] > 0 for r in rows)
 
 
@@ -66,3 +88,62 @@ def test_speed_follows_the_precision_and_attention_path(capsys):
     assert "explicit attention" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["speed", "--attention", "flash"])
+
+
+# ----------------------------------------------------------------------------------------------- the accuracy grid
+GRID_TINY = ["--weights", "random", "--img-size", "32", "--n-train", "20", "--n-val", "10", "--test-cap", "20",
+             "--batch-size", "10", "--epochs", "2", "--warmup-epochs", "1"]
+
+
+def test_accuracy_grid_runs_resumes_and_reports(real, tmp_path, capsys):
+    entries = {"linear": ["--method", "linear"], "vpt-deep": ["--method", "vpt-deep"], "broken": ["--method", "vpt-deep", "--lr", "-1"]}
+    tasks = {"cifar": ["--dataset", "cifar10"], "cifar-2shot": ["--dataset", "cifar10", "--protocol", "shots", "--shots", "2"]}
+    kw = dict(preset="default", out=tmp_path / "res", runs=tmp_path / "runs", workers=2, extra=GRID_TINY,
+              only={"broken": ["cifar"]})
+    with pytest.raises(RuntimeError, match="2 runs failed"):   # bad runs are reported; the others finish and are kept
+        accuracy(entries, tasks, seeds=(0, 1), **kw)
+    out = capsys.readouterr().out
+    assert "FAILED broken | cifar | seed 0" in out and "FAILED broken | cifar | seed 1" in out
+    assert "broken | cifar-2shot" not in out                  # `only`: the broken entry runs on one task
+    rows = read_results(tmp_path / "res" / "results.csv")
+    assert sorted((r["label"], r["task"], r["seed"]) for r in rows) == sorted(
+        (l, t, s) for l in ("linear", "vpt-deep") for t in tasks for s in (0, 1))
+    assert all(0 <= r["test_acc"] <= 1 and r["command"].startswith("OMP_NUM_THREADS=1 python -m vapt_min.train --preset default")
+               for r in rows)
+    md = (tmp_path / "res" / "results.md").read_text().splitlines()
+    assert md[-4].startswith("| method | trainable params | trainable % | cifar | cifar-2shot |")
+    lin = [r for r in rows if r["label"] == "linear" and r["task"] == "cifar"]
+    mean = 100 * sum(r["test_acc"] for r in lin) / 2
+    assert md[-2].startswith(f"| linear | 1,930 | ") and f"{mean:.1f} ± " in md[-2]
+    assert (tmp_path / "res" / "accuracy_vs_params.png").stat().st_size > 10_000
+
+    # Again, without the broken entry: nothing re-runs, nothing is appended twice; a run cut before its first epoch
+    # finished (a folder without train_state.pt) is started afresh.
+    cut = tmp_path / "runs" / "vpt-deep" / "cifar" / "seed1"
+    for f in cut.iterdir():
+        f.unlink()
+    (cut / "config.json").write_text("{}")
+    before = {(r["label"], r["task"], r["seed"]): r["test_acc"] for r in rows}
+    accuracy({k: v for k, v in entries.items() if k != "broken"}, tasks, seeds=(0, 1), **kw)
+    again = read_results(tmp_path / "res" / "results.csv")
+    assert len(again) == len(rows) and {(r["label"], r["task"], r["seed"]): r["test_acc"] for r in again} == before
+    assert (cut / "summary.json").is_file()
+    assert json.loads((cut / "summary.json").read_text())["test_acc"] == before[("vpt-deep", "cifar", 1)]  # same seed, same result
+
+
+def test_results_md_rows_reproduce(real, tmp_path):
+    """RESULTS.md's figures come from results/cpu/results.csv: re-running its quickest row with the printed command
+    (same machine, same thread count) gives the same numbers."""
+    rows = read_results(need(REPO / "results" / "cpu" / "results.csv"))
+    # the quickest kind of run: the linear probe on 100 images (wall times of resumed runs count only their second part)
+    row = min(rows, key=lambda r: (r["task"] != "cifar10-10shot", r["label"] != "linear", r["seed"]))
+    command = shlex.split(row["command"])
+    env = dict(os.environ, **dict(a.split("=", 1) for a in command if "=" in a and not a.startswith("-")))
+    args = [a for a in command if not ("=" in a and not a.startswith("-"))]
+    out = args.index("--out")
+    args[out + 1] = str(tmp_path / "again")
+    r = subprocess.run([sys.executable, *args[1:], "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert (s["test_acc"], s["best_val_acc"]) == (row["test_acc"], float(row["best_val_acc"])), row["command"]

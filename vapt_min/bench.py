@@ -71,8 +71,61 @@ def time_step(model, opt, x, y, bf16: bool, train: bool) -> float:
     return time.perf_counter() - t
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def train_memory(model, opt, x, y, bf16: bool) -> dict:
+    """Memory of one training step (MiB), the backbone's own weights excluded: they are the same for every method.
+
+    `step`: on CUDA the peak allocated during the step above what was allocated before it (activations, gradients,
+    temporaries; allocator-exact). On CPU, where no allocator counts, the bytes autograd saves for the backward
+    (parameters' own storage excluded) plus the gradients: the activation memory, without short-lived temporaries.
+    `state`: what a method keeps between steps besides the backbone: trainable parameters' AdamW moments, and for full
+    fine-tuning nothing more (its weights are the backbone's). `total` = step + state."""
+    dev = x.device
+    state = _nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+            logits, aux = model(x, y)
+        loss, _ = total_loss(logits, y, aux, model.aux_weights())
+    loss.backward()
+    grads = _nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        step = torch.cuda.max_memory_allocated(dev) - before
+    else:
+        step = sum(saved.values()) + grads
+    opt.zero_grad(set_to_none=True)
+    mib = 2.0 ** 20
+    return {"step_mib": step / mib, "state_mib": state / mib, "memory_mib": (step + state) / mib,
+            "memory_kind": "allocated" if dev.type == "cuda" else "saved"}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports KiB), for the header: one figure for all methods."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def speed(methods, model_name="vit_tiny_patch16_224", img_size=112, batch_size=32, rounds=5, steps=3, device="auto",
-          precision="auto", num_prompts=10, attention="auto") -> list[dict]:
+          precision="auto", num_prompts=10, attention="auto", compile: bool = False) -> list[dict]:
     base = Config(model=model_name, weights="random", img_size=img_size, num_prompts=num_prompts, device=device,
                   precision=precision, attention=attention)
     dev = pick_device(base)
@@ -84,8 +137,10 @@ def speed(methods, model_name="vit_tiny_patch16_224", img_size=112, batch_size=3
     for m in methods:
         cfg = dataclasses.replace(base, method=m).validate()
         model = build_model(cfg, copy.deepcopy(vit), 10).to(dev)
+        if getattr(model.generator, "map", None) is not None and model.generator.map.assign is None:
+            model.generator.update_map(torch.randn(10, vit.dim))  # timing only: any class → prompt map will do
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
-        models[m] = (model, opt)
+        models[m] = (torch.compile(model) if compile else model, opt)
     times = {m: {"train": [], "infer": []} for m in methods}
     for r in range(rounds + 1):  # round 0 warms up (allocator, kernels) and is dropped
         for m, (model, opt) in models.items():
@@ -95,24 +150,29 @@ def speed(methods, model_name="vit_tiny_patch16_224", img_size=112, batch_size=3
                 if r:
                     times[m][mode].append(t)
     rows = []
-    for m, (model, _) in models.items():
-        trainable, _ = model.param_counts()
-        rows.append({"method": m, "trainable_params": trainable,
-                     "train_step_s": statistics.median(times[m]["train"]), "infer_s": statistics.median(times[m]["infer"])})
+    for m, (model, opt) in models.items():
+        trainable, _ = getattr(model, "_orig_mod", model).param_counts()
+        rows.append({"method": m, "trainable_params": trainable, "train_step_s": statistics.median(times[m]["train"]),
+                     "infer_s": statistics.median(times[m]["infer"]), **train_memory(model, opt, x, y, bf16)})
     for ref in ("vpt-deep", "full"):
         r0 = next((r for r in rows if r["method"] == ref), None)
         for r in rows:
             if r0:
                 r[f"train_vs_{ref}"] = r["train_step_s"] / r0["train_step_s"]
                 r[f"infer_vs_{ref}"] = r["infer_s"] / r0["infer_s"]
-    print(f"device {dev} | {'bf16 autocast' if bf16 else 'fp32'} | {vit.blocks[0].attn.impl} attention | {model_name} "
-          f"{img_size}px | batch {batch_size} | median of {rounds} rounds × {steps} steps")
-    cols = [c for c in ("train_vs_vpt-deep", "infer_vs_vpt-deep", "train_vs_full", "infer_vs_full") if c in rows[0]]
-    print("| method | trainable params | train step (ms) | train img/s | inference (ms) | " + " | ".join(cols) + " |")
-    print("|---" * (5 + len(cols)) + "|")
+                r[f"memory_vs_{ref}"] = r["memory_mib"] / r0["memory_mib"] if r0["memory_mib"] else float("nan")
+    kind = ("peak allocated in the step (CUDA) + AdamW state" if dev.type == "cuda" else
+            "autograd's saved activations + gradients + AdamW state (CPU: no allocator counts; RSS cannot separate methods)")
+    print(f"device {dev} | {'bf16 autocast' if bf16 else 'fp32'} | {vit.blocks[0].attn.impl} attention"
+          f"{' | torch.compile' if compile else ''} | {model_name} {img_size}px | batch {batch_size} | median of {rounds} "
+          f"rounds × {steps} steps | memory: {kind}, backbone weights excluded | process peak RSS {peak_rss_mib():.0f} MiB")
+    cols = [c for ref in ("vpt-deep", "full") for c in (f"train_vs_{ref}", f"infer_vs_{ref}", f"memory_vs_{ref}") if c in rows[0]]
+    print("| method | trainable params | train step (ms) | train img/s | inference (ms) | train memory (MiB) | "
+          + " | ".join(cols) + " |")
+    print("|---" * (6 + len(cols)) + "|")
     for r in rows:
         print(f"| {r['method']} | {r['trainable_params']:,} | {1e3 * r['train_step_s']:.1f} | {batch_size / r['train_step_s']:.1f} | "
-              f"{1e3 * r['infer_s']:.1f} | " + " | ".join(f"{r[c]:.2f}x" for c in cols) + " |")
+              f"{1e3 * r['infer_s']:.1f} | {r['memory_mib']:.1f} | " + " | ".join(f"{r[c]:.2f}x" for c in cols) + " |")
     return rows
 
 
@@ -296,7 +356,7 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
         return record(label, task, seed, run_dir, command)
 
     skipped = sum((runs / l.replace(" ", "_") / t / f"seed{s}" / "summary.json").is_file() for l, t, s in jobs)
-    print(f"accuracy grid: {len(entries)} entries × {len(tasks)} tasks × {len(seeds)} seeds = {len(jobs)} runs "
+    print(f"accuracy grid: {len(entries)} entries, {len(tasks)} tasks, seeds {', '.join(map(str, seeds))}: {len(jobs)} runs "
           f"({skipped} finished before) | preset {preset} | {workers} workers × {threads} threads | runs in {runs} | "
           f"results in {csv_path}", flush=True)
     if dry_run:
@@ -326,6 +386,7 @@ def main(argv=None):
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    s.add_argument("--compile", action="store_true", help="torch.compile every model first (CUDA; slow to start on CPU)")
     s.add_argument("--attention", default="auto", choices=("auto", "sdpa", "explicit"),
                    help="auto: what train.py picks (sdpa on CUDA, explicit on CPU); explicit fp32 is the official codes' path")
     i = sub.add_parser("infer", help="fixed sampling vs multi-round inference of trained v2apt / viapt runs",
@@ -369,7 +430,8 @@ def main(argv=None):
             p.error(f"--samples must all be >= 1 (1 = z = mu), got {a.samples}")
         infer(a.runs, a.samples, a.seed)
     else:
-        speed(a.methods, a.model, a.img_size, a.batch_size, a.rounds, a.steps, a.device, a.precision, attention=a.attention)
+        speed(a.methods, a.model, a.img_size, a.batch_size, a.rounds, a.steps, a.device, a.precision, attention=a.attention,
+              compile=a.compile)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""The lessons' one switch: VAPT_MIN_SCALE=paper turns a lesson's CPU budget into the papers' scale."""
+import pytest
+
+from vapt_min import scale
+from vapt_min.train import Config
+
+CPU = dict(n_train=200, n_val=200, epochs=4, warmup_epochs=1, lr=5e-3, img_size=112, test_cap=1000, progress=False)
+
+
+def test_cpu_scale_is_the_budget_as_written(monkeypatch):
+    monkeypatch.delenv(scale.ENV, raising=False)
+    assert scale.lesson_budget(**CPU) == CPU
+    monkeypatch.setenv(scale.ENV, "cpu")
+    assert scale.lesson_budget(**CPU) == CPU
+
+
+def test_paper_scale(monkeypatch):
+    monkeypatch.setenv(scale.ENV, "paper")
+    b = scale.lesson_budget(**CPU)
+    assert (b["img_size"], b["epochs"], b["test_cap"], b["n_train"], b["n_val"], b["lr"]) == (224, 100, None, 800, 200, 5e-3)
+    Config(method="vpt-deep", **b).validate()
+    shots = scale.lesson_budget(protocol="shots", shots=10, n_val=200, epochs=10, img_size=112)
+    assert (shots["shots"], shots["img_size"], "n_train" in shots) == (10, 224, False)  # few-shot keeps its shots
+
+
+def test_unknown_scale_is_named(monkeypatch):
+    monkeypatch.setenv(scale.ENV, "huge")
+    with pytest.raises(ValueError, match="VAPT_MIN_SCALE='huge': use one of cpu, paper"):
+        scale.lesson_budget(**CPU)
