@@ -99,7 +99,7 @@ def test_accuracy_grid_runs_resumes_and_reports(real, tmp_path, capsys):
     entries = {"linear": ["--method", "linear"], "vpt-deep": ["--method", "vpt-deep"], "broken": ["--method", "vpt-deep", "--lr", "-1"]}
     tasks = {"cifar": ["--dataset", "cifar10"], "cifar-2shot": ["--dataset", "cifar10", "--protocol", "shots", "--shots", "2"]}
     kw = dict(preset="default", out=tmp_path / "res", runs=tmp_path / "runs", workers=2, extra=GRID_TINY,
-              only={"broken": ["cifar"]})
+              only={"broken": {"tasks": ["cifar"]}})
     with pytest.raises(RuntimeError, match="2 runs failed"):   # bad runs are reported; the others finish and are kept
         accuracy(entries, tasks, seeds=(0, 1), **kw)
     out = capsys.readouterr().out
