@@ -283,9 +283,14 @@ def report(out: Path, tasks: list[str], header: str = "") -> str:
     if not rows:
         raise ValueError(f"{out / 'results.csv'} holds no results yet: run python -m vapt_min.bench accuracy --out {out}")
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)] or list(dict.fromkeys(r["task"] for r in rows))
+    old = out / "results.md"
+    if not header and old.is_file() and old.read_text().startswith("Test accuracy"):
+        header = old.read_text().split("\n\n")[0] + "\n\n"   # --report keeps the command, machine and date of the run
     md = header + results_markdown(rows, tasks) + "\n"
     (out / "results.md").write_text(md)
-    fig = plot_grid_results([r for r in summarise(rows) if r["task"] in tasks], tasks)
+    summary = summarise(rows)
+    complete = {l for l in {r["label"] for r in summary} if all(any(q["label"] == l and q["task"] == t for q in summary) for t in tasks)}
+    fig = plot_grid_results([r for r in summary if r["label"] in complete and r["task"] in tasks], tasks)  # every-task rows
     fig.savefig(out / "accuracy_vs_params.png", dpi=110)
     import matplotlib.pyplot as plt
     plt.close(fig)
@@ -301,7 +306,8 @@ def grid_jobs(entries: dict, tasks: dict, seeds, only: dict | None = None) -> li
 
 
 def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", out="results/cpu", runs=None,
-             workers: int = 2, threads: int = 1, extra=(), dry_run: bool = False, only: dict | None = None) -> list[dict]:
+             workers: int = 2, threads: int = 1, extra=(), dry_run: bool = False, only: dict | None = None,
+             command: str | None = None) -> list[dict]:
     """Run (or resume) the grid; append each finished run to out/results.csv; write results.md and the plot.
     entries: row label → train options; tasks: name → train options; only: label → {"tasks": ..., "seeds": ...} it runs on
     (default: all)."""
@@ -369,7 +375,7 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
         return []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         rows = list(pool.map(run, jobs))
-    header = (f"Test accuracy (%) over seeds {', '.join(map(str, seeds))}: `python -m vapt_min.bench accuracy --preset {preset}`, "
+    header = (f"Test accuracy (%) over seeds {', '.join(map(str, seeds))}: `{command or f'python -m vapt_min.bench accuracy --preset {preset}'}`, "
               f"{workers} workers × {threads} threads; {machine()}; {time.strftime('%Y-%m-%d')}.\n\n")
     print(report(out, list(tasks), header))
     failed = [j for j, r in zip(jobs, rows) if r is None]
@@ -428,7 +434,7 @@ def main(argv=None):
             entries.update(ABLATION)
         only = {label: {"tasks": ["cifar10-1k"], "seeds": a.ablation_seeds} for label in ABLATION}  # lesson 07's, CIFAR-10-1k
         accuracy(entries, {t: TASKS[t] for t in a.tasks}, a.seeds, a.preset, out, a.runs, a.workers, a.threads,
-                 dry_run=a.dry_run, only=only)
+                 dry_run=a.dry_run, only=only, command=shlex.join(["python", "-m", "vapt_min.bench", *(argv or sys.argv[1:])]))
         return
     if a.bench == "infer":
         if min(a.samples) < 1:

@@ -104,21 +104,26 @@ def plot_acc_vs_params(rows: list[dict], acc_key: str = "test_acc"):
 
 
 def plot_grid_results(rows: list[dict], tasks: list[str]):
-    """The accuracy grid: one panel per task, mean test accuracy ± std over seeds against trainable parameters (log).
-    rows: `bench.summarise` output (label, task, mean, std, trainable_params)."""
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    """The accuracy grid: one panel per task, mean test accuracy ± std over seeds against trainable parameters (log);
+    one colour and marker per method, the same in every panel, named in one legend. rows: `bench.summarise` output."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    style = {l: (plt.cm.tab10(k % 10), "osD^v<>pXh"[k % 10]) for k, l in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks) + 1.8, 4.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task):
-            ax.errorbar(r["trainable_params"], r["mean"], yerr=r["std"], fmt="o", ms=5, capsize=3)
-            ax.annotate(r["label"], (r["trainable_params"], r["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+            colour, marker = style[r["label"]]
+            ax.errorbar(r["trainable_params"], r["mean"], yerr=r["std"], fmt=marker, color=colour, ms=6, capsize=3,
+                        label=r["label"])
         ax.set_xscale("log")
-        ax.margins(x=0.3, y=0.12)
+        ax.margins(x=0.15, y=0.1)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(task)
         ax.set_xlabel("trainable parameters (head included)")
-        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    axes[0, 0].set_ylabel("test accuracy (%), mean ± std over seeds")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_figwidth(), 1))
     return fig
 
 
