@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-from .train import (METHODS, Config, build_backbone, build_data, build_loaders, build_model, evaluate, load_run,
-                    pick_device, total_loss, use_bf16)
+from .train import (METHODS, Config, build_backbone, build_data, build_loaders, build_model, clustered, evaluate,
+                    load_run, pick_device, total_loss, use_bf16)
 
 
 def _sync(device):
@@ -137,7 +137,7 @@ def speed(methods, model_name="vit_tiny_patch16_224", img_size=112, batch_size=3
     for m in methods:
         cfg = dataclasses.replace(base, method=m).validate()
         model = build_model(cfg, copy.deepcopy(vit), 10).to(dev)
-        if getattr(model.generator, "map", None) is not None and model.generator.map.assign is None:
+        if clustered(model.generator):
             model.generator.update_map(torch.randn(10, vit.dim))  # timing only: any class → prompt map will do
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
         models[m] = (torch.compile(model) if compile else model, opt)
@@ -284,14 +284,15 @@ def report(out: Path, tasks: list[str], header: str = "") -> str:
     if not rows:
         raise ValueError(f"{out / 'results.csv'} holds no results yet: run python -m vapt_min.bench accuracy --out {out}")
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)] or list(dict.fromkeys(r["task"] for r in rows))
-    old = out / "results.md"
-    if not header and old.is_file() and old.read_text().startswith("Test accuracy"):
-        header = old.read_text().split("\n\n")[0] + "\n\n"   # --report keeps the command, machine and date of the run
+    old = (out / "results.md").read_text() if (out / "results.md").is_file() else ""
+    if not header and old.startswith("Test accuracy"):
+        header = old.split("\n\n")[0] + "\n\n"   # --report keeps the command, machine and date of the run
     md = header + results_markdown(rows, tasks) + "\n"
     (out / "results.md").write_text(md)
     summary = summarise(rows)
-    complete = {l for l in {r["label"] for r in summary} if all(any(q["label"] == l and q["task"] == t for q in summary) for t in tasks)}
-    fig = plot_grid_results([r for r in summary if r["label"] in complete and r["task"] in tasks], tasks)  # every-task rows
+    have = {(r["label"], r["task"]) for r in summary}
+    complete = {label for label, _ in have if all((label, t) in have for t in tasks)}  # the plot: rows with every task
+    fig = plot_grid_results([r for r in summary if r["label"] in complete and r["task"] in tasks], tasks)
     fig.savefig(out / "accuracy_vs_params.png", dpi=110)
     import matplotlib.pyplot as plt
     plt.close(fig)
@@ -322,6 +323,9 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
     started = time.time()
     done = [0]
 
+    def run_dir_of(label, task, seed) -> Path:
+        return runs / label.replace(" ", "_") / task / f"seed{seed}"
+
     def record(label, task, seed, run_dir, command):
         s = json.loads((run_dir / "summary.json").read_text())
         row = {"label": label, "task": task, "seed": seed, "test_acc": s["test_acc"], "best_val_acc": s["best_val_acc"],
@@ -345,7 +349,7 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
 
     def run(job):
         label, task, seed = job
-        run_dir = runs / label.replace(" ", "_") / task / f"seed{seed}"
+        run_dir = run_dir_of(label, task, seed)
         args = ["--preset", preset, *tasks[task], *entries[label], "--seed", str(seed), *extra, "--out", str(run_dir)]
         command = f"OMP_NUM_THREADS={threads} python -m vapt_min.train " + shlex.join(args)
         if (run_dir / "summary.json").is_file():
@@ -366,7 +370,7 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
             return None
         return record(label, task, seed, run_dir, command)
 
-    skipped = sum((runs / l.replace(" ", "_") / t / f"seed{s}" / "summary.json").is_file() for l, t, s in jobs)
+    skipped = sum((run_dir_of(*job) / "summary.json").is_file() for job in jobs)
     print(f"accuracy grid: {len(entries)} entries, {len(tasks)} tasks, seeds {', '.join(map(str, seeds))}: {len(jobs)} runs "
           f"({skipped} finished before) | preset {preset} | {workers} workers × {threads} threads | runs in {runs} | "
           f"results in {csv_path}", flush=True)

@@ -194,13 +194,12 @@ class Config:
         if self.eval_samples != 1 and self.method not in ("v2apt", "viapt") and not (full and self.vae):  # sampled prompts
             bad(f"--eval-samples {self.eval_samples} averages sampled prompts, which only v2apt, viapt and full-v2apt with its "
                 f"VAE draw: drop it for --method {self.method}" + (" --no-vae" if full else ""))
-        if full and self.pca and not 1 <= self.pca_dim <= parse_name(self.model)["dim"]:
-            dim = parse_name(self.model)["dim"]
+        dim = parse_name(self.model)["dim"]
+        if full and self.pca and not 1 <= self.pca_dim <= dim:
             bad(f"--pca-dim {self.pca_dim} must be in [1, {dim}] for full-v2apt's PCA fusion (or turn it off: --no-pca)")
         if full and self.pca and self.pca_refresh < 1:
             bad(f"--pca-refresh must be >= 1 step, got {self.pca_refresh}")
         if self.method == "viapt":
-            dim = parse_name(self.model)["dim"]
             if not 0 <= self.pca_dim <= dim:
                 bad(f"--pca-dim {self.pca_dim} must be in [0, {dim}] for {self.model} (0 = VPT-Deep, {dim} = VPT-Shallow)")
             if not 1 <= self.inst_pca_dim <= dim:
