@@ -264,7 +264,9 @@ def summarise(rows: list[dict]) -> list[dict]:
 def results_markdown(rows: list[dict], tasks: list[str]) -> str:
     """One row per label: test accuracy mean ± std per task (n seeds when fewer than the most), trainable params and %."""
     summ = {(r["label"], r["task"]): r for r in summarise(rows)}
-    labels = list(dict.fromkeys(r["label"] for r in rows))
+    known = [*ENTRIES, *ABLATION]  # the package's order, not the order in which parallel runs happened to finish
+    seen = list(dict.fromkeys(r["label"] for r in rows))
+    labels = sorted(seen, key=lambda l: (known.index(l), 0) if l in known else (len(known), seen.index(l)))
     most = max((r["n"] for r in summ.values()), default=0)
     lines = ["| method | trainable params | trainable % | " + " | ".join(tasks) + " |", "|---" * (3 + len(tasks)) + "|"]
     for label in labels:
