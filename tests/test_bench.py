@@ -2,12 +2,14 @@
 infer on a real run trained for a few steps."""
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import need
 from vapt_min import train as T
@@ -133,8 +135,11 @@ def test_accuracy_grid_runs_resumes_and_reports(real, tmp_path, capsys):
 
 def test_results_md_rows_reproduce(real, tmp_path):
     """RESULTS.md's figures come from results/cpu/results.csv: re-running its quickest row with the printed command
-    (same machine, same thread count) gives the same numbers."""
+    (same machine, same thread count) gives the same numbers under the torch version the grid ran with (results.md's
+    header names it). Under another torch, bf16 kernels round differently: then the test and validation accuracy must
+    agree within 1 point (10 of the 1,000 test images), which a broken method or a changed split would not."""
     rows = read_results(need(REPO / "results" / "cpu" / "results.csv"))
+    grid_torch = re.search(r"torch (\S+);", (REPO / "results" / "cpu" / "results.md").read_text())[1]
     # the quickest kind of run: the linear probe on 100 images (wall times of resumed runs count only their second part)
     row = min(rows, key=lambda r: (r["task"] != "cifar10-10shot", r["label"] != "linear", r["seed"]))
     command = shlex.split(row["command"])
@@ -146,4 +151,8 @@ def test_results_md_rows_reproduce(real, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "again" / "summary.json").read_text())
-    assert (s["test_acc"], s["best_val_acc"]) == (row["test_acc"], float(row["best_val_acc"])), row["command"]
+    got, want = (s["test_acc"], s["best_val_acc"]), (row["test_acc"], float(row["best_val_acc"]))
+    if torch.__version__ == grid_torch:
+        assert got == want, row["command"]
+    else:
+        assert all(abs(g - w) <= 0.01 for g, w in zip(got, want)), (got, want, torch.__version__, grid_torch)

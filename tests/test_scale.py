@@ -27,3 +27,19 @@ def test_unknown_scale_is_named(monkeypatch):
     monkeypatch.setenv(scale.ENV, "huge")
     with pytest.raises(ValueError, match="VAPT_MIN_SCALE='huge': use one of cpu, paper"):
         scale.lesson_budget(**CPU)
+
+
+def test_check_band(monkeypatch):
+    monkeypatch.delenv(scale.ENV, raising=False)
+    scale.check_band("test accuracy", 0.80, saved=0.82, tol=0.04)
+    scale.check_band("curve", [0.1, 0.2], saved=[0.12, 0.18], tol=0.05)
+    with pytest.raises(AssertionError, match=r"test accuracy: 0.7 is outside the band 0.82 ± 0.04 of the saved run"):
+        scale.check_band("test accuracy", 0.70, saved=0.82, tol=0.04)
+    with pytest.raises(AssertionError, match=r"curve: 0.5 is outside .* \(1 of 2 values\)"):
+        scale.check_band("curve", [0.1, 0.5], saved=[0.12, 0.18], tol=0.05)
+    with pytest.raises(AssertionError, match="2 values, but the saved run has 3"):
+        scale.check_band("curve", [0.1, 0.2], saved=[0.1, 0.2, 0.3], tol=0.05)
+    with pytest.raises(AssertionError):
+        scale.check_band("nan", float("nan"), saved=0.5, tol=1.0)  # a NaN is never inside a band
+    monkeypatch.setenv(scale.ENV, "paper")
+    scale.check_band("test accuracy", 0.10, saved=0.82, tol=0.04)  # paper scale: another budget, nothing to compare

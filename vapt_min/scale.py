@@ -2,17 +2,18 @@
 
     VAPT_MIN_SCALE=paper jupyter lab lessons/      # 224 px, the full 1k training split, the full test set, 100 epochs
 
-Every lesson takes its training budget from `lesson_budget(...)` and its device from `lesson_device()`. Without the
-variable (or with VAPT_MIN_SCALE=cpu) the budget is what the lesson wrote, the one its saved outputs and
-`pytest --nbval` were made with; the device is the GPU when there is one (numbers then differ from the saved ones a
-little: other kernels, other rounding). With VAPT_MIN_SCALE=paper the budget becomes the `paper` preset of train.py:
-meant for a GPU, hours on a CPU.
+Every lesson takes its training budget from `lesson_budget(...)`. Without the variable (or with VAPT_MIN_SCALE=cpu)
+the budget is what the lesson wrote, the one its saved outputs and `pytest --nbval` were made with; training runs take
+the GPU when there is one (numbers then differ from the saved ones a little: other kernels, other rounding). With
+VAPT_MIN_SCALE=paper the budget becomes the `paper` preset of train.py: meant for a GPU, hours on a CPU.
+
+`check_band(...)` is how a lesson guards a number that comes out of training, sampling or a long float reduction
+(STYLE 10): the number must lie in a stated band around the saved run's, so a library update's last digits pass and a
+real regression fails; the cell's printout is `# NBVAL_IGNORE_OUTPUT`.
 """
 from __future__ import annotations
 
 import os
-
-import torch
 
 ENV = "VAPT_MIN_SCALE"
 SCALES = ("cpu", "paper")
@@ -37,6 +38,17 @@ def lesson_budget(**cpu) -> dict:
     return paper
 
 
-def lesson_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_band(what: str, value, saved, tol: float):
+    """Assert |value − saved| <= tol, elementwise for sequences: `saved` is what the lesson's saved run printed, `tol`
+    the band a library update or another machine stays inside (a few seed-to-seed standard deviations at most). At
+    paper scale the budget differs from the saved run's: nothing to compare, so nothing is checked."""
+    if scale() != "cpu":
+        return
+    values, saveds = (list(value), list(saved)) if isinstance(saved, (list, tuple)) else ([value], [saved])
+    if len(values) != len(saveds):
+        raise AssertionError(f"{what}: {len(values)} values, but the saved run has {len(saveds)}")
+    off = [(float(v), s) for v, s in zip(values, saveds) if not abs(float(v) - s) <= tol]
+    if off:
+        raise AssertionError(f"{what}: {off[0][0]:.4g} is outside the band {off[0][1]:.4g} ± {tol:g} of the saved run "
+                             f"({len(off)} of {len(values)} values): a regression, or a change that needs the lesson "
+                             "re-executed and its bands re-set")

@@ -189,6 +189,10 @@ class Config:
             bad(f"--aux-warmup-epochs must be >= 0, got {self.aux_warmup_epochs}")
         if not 0 <= self.prompt_dropout < 1:
             bad(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.lr is not None and not self.lr > 0:
+            bad(f"--lr must be > 0, got {self.lr} (leave it out for the optimizer's default)")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            bad(f"--weight-decay and --warmup-epochs must be >= 0, got {self.weight_decay} and {self.warmup_epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max_steps must be >= 1, got {self.max_steps}")
         if self.eval_samples != 1 and self.method not in ("v2apt", "viapt") and not (full and self.vae):  # sampled prompts
@@ -382,17 +386,34 @@ def atomic_write(path: Path, write):
 def load_run(run_dir, which: str = "last", device="cpu") -> tuple[PromptedViT, Config]:
     """Rebuild the model of a run folder: backbone from its weights, trainable tensors from the checkpoint."""
     run_dir = Path(run_dir)
-    cfg = Config(**json.loads((run_dir / "config.json").read_text()))
-    classes = json.loads((run_dir / "classes.json").read_text())
+    cfg = Config(**read_json(run_dir / "config.json"))
+    classes = read_json(run_dir / "classes.json")
     device = torch.device(device)
     model = build_model(cfg, build_backbone(cfg, device), len(classes))
     load_trainable(model, run_dir / f"{which}.safetensors", cfg)
     return model.to(device).eval(), cfg
 
 
+def read_checkpoint(path: Path, read):
+    """`read()`, or one line naming the damaged file and the way out (a crash or a full disk mid-copy, a file of
+    another kind): ValueError, which the CLI turns into exit code 2 before anything is written."""
+    try:
+        return read()
+    except Exception as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {(str(e).splitlines() or ['unreadable'])[0]}): "
+                         f"resume from another run folder (or from a copy made before the damage), or start a new run "
+                         f"with --out") from None
+
+
+def read_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}; pass the folder of an earlier run")
+    return read_checkpoint(path, lambda: json.loads(path.read_text()))
+
+
 def load_trainable(model: nn.Module, path: Path, cfg: Config):
     """Put a checkpoint's tensors (`trainable_state`) into `model` once their names and shapes are checked to be the model's."""
-    state = load_file(str(path))
+    state = read_checkpoint(path, lambda: load_file(str(path)))
     got = {k: tuple(v.shape) for k, v in state.items()}
     expected = {k: tuple(v.shape) for k, v in trainable_state(model).items()}
     if got != expected:
@@ -419,7 +440,8 @@ def run_folder(cfg: Config) -> tuple[Path, dict | None]:
         return out, None
     if not (out / "train_state.pt").is_file():
         raise FileNotFoundError(f"--resume {out}: no train_state.pt there; pass the folder of an earlier run")
-    st = torch.load(out / "train_state.pt", weights_only=False, map_location="cpu")
+    st = read_checkpoint(out / "train_state.pt",
+                         lambda: torch.load(out / "train_state.pt", weights_only=False, map_location="cpu"))
     if st["epoch"] + 1 >= cfg.epochs or (cfg.max_steps is not None and st["step"] >= cfg.max_steps):
         raise ValueError(f"--resume {out}: that run already finished (epoch {st['epoch'] + 1} of {cfg.epochs}, step {st['step']}); "
                          "pass a larger --epochs or --max-steps to train on")
@@ -730,10 +752,7 @@ def config_from_args(argv=None) -> Config:
     given = vars(build_parser().parse_args(argv))  # only the options actually given (defaults are suppressed)
     base = PRESETS[given.pop("preset", "default")]
     if given.get("resume"):  # continue the saved run: its config, with only the options given now changed
-        saved = Path(given["resume"]) / "config.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume {given['resume']}: no config.json there; pass the folder of an earlier run")
-        base = {**json.loads(saved.read_text()), "out": given["resume"]}  # the run lives where it is now
+        base = {**read_json(Path(given["resume"]) / "config.json"), "out": given["resume"]}  # the run lives where it is now
     return Config(**{**base, **given}).validate()
 
 

@@ -171,11 +171,18 @@ def parse_name(name: str):
     return dict(dim=dim, depth=depth, num_heads=heads, patch_size=int(m.group(2)), img_size=int(m.group(3)))
 
 
+PREPARE = "re-run `python data/prepare.py --from ../shared/data` (or `--download`), or pass --weights another file"
+
+
 def read_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a truncated download or a file of another kind: one clear line, not the loader's traceback
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"weights file {path} is damaged or not a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}): {PREPARE}") from None
     for key in ("model", "state_dict", "model_state"):  # common wrappers around a raw state dict
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -222,11 +229,14 @@ def from_pretrained(name: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k", wei
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}. Lay the real weights out with "
                                     "`python data/prepare.py --from ../shared/data` (offline copy) or `--download` (online), "
-                                    "or pass --weights none to download through timm")
+                                    "or pass --weights hub to download through timm")
         sd, source = read_state_dict(path), str(path)
         cfg_file = path.parent / "config.json"
         if cfg_file.is_file():
-            meta = json.loads(cfg_file.read_text())
+            try:
+                meta = json.loads(cfg_file.read_text())
+            except ValueError as e:
+                raise ValueError(f"{cfg_file} is damaged (not JSON: {e}): {PREPARE}") from None
             arch["num_heads"] = meta.get("model_args", {}).get("num_heads", arch["num_heads"])
             cfg.update({k: meta.get("pretrained_cfg", {})[k] for k in DEFAULT_CFG if k in meta.get("pretrained_cfg", {})})
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
