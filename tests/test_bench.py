@@ -135,9 +135,10 @@ def test_accuracy_grid_runs_resumes_and_reports(real, tmp_path, capsys):
 
 def test_results_md_rows_reproduce(real, tmp_path):
     """RESULTS.md's figures come from results/cpu/results.csv: re-running its quickest row with the printed command
-    (same machine, same thread count) gives the same numbers under the torch version the grid ran with (results.md's
-    header names it). Under another torch, bf16 kernels round differently: then the test and validation accuracy must
-    agree within 1 point (10 of the 1,000 test images), which a broken method or a changed split would not."""
+    (same thread count) gives the same numbers under the torch version the grid ran with (results.md's header names
+    it) and the same precision (the row says: bf16 autocast where the CPU has bf16 instructions, else fp32). Under
+    another torch or precision the kernels round differently: then the test and validation accuracy must agree within
+    1 point (10 of the 1,000 test images), which a broken method or a changed split would not."""
     rows = read_results(need(REPO / "results" / "cpu" / "results.csv"))
     grid_torch = re.search(r"torch (\S+);", (REPO / "results" / "cpu" / "results.md").read_text())[1]
     # the quickest kind of run: the linear probe on 100 images (wall times of resumed runs count only their second part)
@@ -152,7 +153,7 @@ def test_results_md_rows_reproduce(real, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "again" / "summary.json").read_text())
     got, want = (s["test_acc"], s["best_val_acc"]), (row["test_acc"], float(row["best_val_acc"]))
-    if torch.__version__ == grid_torch:
+    if torch.__version__ == grid_torch and s["precision"] == row["precision"]:
         assert got == want, row["command"]
     else:
         assert all(abs(g - w) <= 0.01 for g, w in zip(got, want)), (got, want, torch.__version__, grid_torch)

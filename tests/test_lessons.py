@@ -1,0 +1,110 @@
+"""The lessons' saved outputs survive a library update, and a real regression still fails them (STYLE 10).
+
+nbval compares every code cell's saved text output unless the cell says `# NBVAL_IGNORE_OUTPUT`. So:
+- a compared cell that prints a decimal number or a percentage must be one whose digits the code proves (a closed
+  form, a count, an exact reduction, committed results): each such cell is listed in EXACT with the reason, and a new
+  one fails here until someone has looked at it;
+- an ignored cell must still check what matters (an `assert`, or `check_band` around the saved run's value), or be
+  listed in UNCHECKED with the reason (a timing, or a training call whose results the next cell checks).
+A cell is named by its lesson and a line of its source; editing that line means looking at the cell again.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+LESSONS = sorted((Path(__file__).resolve().parents[1] / "lessons").glob("*.ipynb"))
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d+|\d+(\.\d+)?\s?%")
+
+EXACT = {  # (lesson, a line of the cell) → why its printed digits cannot drift
+    ("00_vit_anatomy", "print(vit.pretrained_cfg)"): "constants read from config.json",
+    ("01_vpt_shallow", "bound = math.sqrt(6 / (3 * p**2 + D))"): "closed form",
+    ("01_vpt_shallow", 'print("P·D + head =", P * D + (D * 10 + 10))'): "parameter counts",
+    ("01_vpt_shallow", "acc0 = evaluate(untrained, val_loader, cpu, bf16=False)"): "zero head: every logit is exactly 0, "
+                                                                                  "the prediction is class 0",
+    ("02_vpt_deep", "bound = math.sqrt(6 / (3 * p**2 + D))"): "closed form",
+    ("02_vpt_deep", "n_prompts = sum(t.numel() for t in model.generator.parameters())"): "parameter counts",
+    ("02_vpt_deep", "acc0 = evaluate(untrained, val_loader, cpu, bf16=False)"): "zero head",
+    ("03_v2apt", 'print(f"L = {L}, D = {D}, p = {p} | P = {cfg.num_prompts}'): "the configuration",
+    ("03_v2apt", 'print("same logits:", logits.shape, "| same KL | loss weights:", model.aux_weights())'): "β as set",
+    ("03_v2apt", "def v2apt_params(L, D, P=10, K=8):"): "parameter counts and their ratio",
+    ("03_v2apt", "n_b = sum(t.numel() for t in VAEPrompts(P, P_inst, 768, 12, 16, latent_dim=K).parameters())"):
+        "parameter counts and their ratio",
+    ("03_v2apt", "acc0 = evaluate(untrained, val_loader, cpu, bf16=False)"): "zero head",
+    ("04_viapt", "def grad_through_eigh(cov):"): "float64 closed form 1/δ, printed to one significant digit",
+    ("04_viapt", 'print(f"{label}: " + ", ".join(f"m = {mm}: {kept[mm - 1]:.0%}"'):
+        "explained variance of the frozen model's tokens in whole percent, far from a rounding edge (96, 99, 100)",
+    ("04_viapt", 'groups = {"P^data": gen.prompts.numel()'): "parameter counts",
+    ("04_viapt", "acc0 = evaluate(untrained, val_loader, cpu, bf16=False)"): "zero head",
+    ("05_davpt", 'print(f"L = {L}, D = {D} | P = {P} prompts per block'): "the configuration",
+    ("05_davpt", "proxy_deg = torch.tensor([90.0, 210.0, 330.0])"): "the 90 % is the stated threshold; the pair counts "
+                                                                      "come from ten points on a circle",
+    ("05_davpt", "print(f\"chance that a batch of 32 CIFAR-10 images misses one given class"): "closed form 0.9^32",
+    ("05_davpt", 'print("adjusted Rand index, ours vs scikit-learn:"'): "two identical partitions: 1.0",
+    ("05_davpt", 'print(sorted(aux), "| weights:", model.aux_weights()'): "weights as set",
+    ("05_davpt", "n_bias = enable_bias_tuning(vit_plus)"): "parameter counts",
+    ("05_davpt", "acc0 = evaluate(untrained, val_loader, cpu, bf16=False)"): "zero head",
+    ("06_vapt", "assert n_gen == vapt_param_count(P, D, L, (gh, gw), k, r)"): "parameter counts and their ratio",
+    ("06_vapt", "acc0 = evaluate(fresh, val_loader, cpu, bf16=False)"): "zero head",
+    ("07_full_v2apt", 'print(f"{name:16s} = {src[\'method\']:8s}: max |Δ logit| = {worst:.1f}'):
+        "bit-exact reductions: the difference is exactly 0",
+    ("07_full_v2apt", 'print(f"before training (zero head): val accuracy'): "zero head",
+    ("07_full_v2apt", 'rows = read_results(root / "results" / "cpu" / "results.csv")'): "committed results",
+    ("07_full_v2apt", 'seeds = sorted({r["seed"] for r in rows if r["label"] in ABLATION})'): "committed results",
+}
+
+UNCHECKED = {  # (lesson, a line of the cell) → why an ignored cell asserts nothing itself
+    ("00_vit_anatomy", "ms_per_image = (time.perf_counter() - t0) / (3 * len(xb)) * 1000"): "a timing",
+    ("02_vpt_deep", "runs = {m: train(Config(method=m, out=tempfile.mkdtemp(), **budget)) for m in methods}"):
+        "training; the next cell checks the runs",
+    ("03_v2apt", 'runs = {m: train(Config(method=m, out=tempfile.mkdtemp(), **budget)) for m in ("vpt-deep", "v2apt")}'):
+        "training; the next cell checks the runs",
+    ("04_viapt", "sweep = {mm: train(Config(method=\"viapt\", pca_dim=mm"): "training; checked after the sweep",
+    ("04_viapt", "sweep.update({mm: train(Config(method=\"viapt\", pca_dim=mm"): "training; the next cell checks the sweep",
+    ("05_davpt", "runs = {name: train(Config(out=tempfile.mkdtemp(), **budget, **kw)) for name, kw in rows.items()}"):
+        "training; the next cell checks the runs",
+    ("06_vapt", 'runs = {m: train(Config(method=m, out=tempfile.mkdtemp(), **budget)) for m in ("linear", "vpt-deep", "vapt")}'):
+        "training; the next cell checks the runs",
+    ("07_full_v2apt", 'run = train(Config(method="full-v2apt", out=tempfile.mkdtemp(), **budget))'):
+        "training; the next cell checks the run",
+}
+
+
+def code_cells(nb: Path):
+    for i, c in enumerate(json.loads(nb.read_text())["cells"]):
+        if c["cell_type"] == "code":
+            text = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                           for o in c.get("outputs", []))
+            yield i, "".join(c["source"]), text
+
+
+def listed(table: dict, lesson: str, src: str):
+    return [key for key in table if key[0] == lesson and key[1] in src]
+
+
+@pytest.mark.parametrize("nb", LESSONS, ids=lambda p: p.stem)
+def test_compared_cells_print_only_digits_the_code_proves(nb):
+    unexplained = [(i, src.splitlines()[0], NUMBER.search(out)[0]) for i, src, out in code_cells(nb)
+                   if "NBVAL_IGNORE_OUTPUT" not in src and NUMBER.search(out) and not listed(EXACT, nb.stem, src)]
+    assert not unexplained, (f"{nb.name}: compared cells print numbers that may come out of training, sampling or a "
+                             "long float reduction: guard them (check_band + # NBVAL_IGNORE_OUTPUT) or, if the code "
+                             f"proves their digits, list them in EXACT with the reason: {unexplained}")
+
+
+@pytest.mark.parametrize("nb", LESSONS, ids=lambda p: p.stem)
+def test_ignored_cells_still_check_something(nb):
+    silent = [(i, src.splitlines()[1] if "\n" in src else src) for i, src, _ in code_cells(nb)
+              if "NBVAL_IGNORE_OUTPUT" in src and not re.search(r"\bassert\b|assert_close|check_band\(", src)
+              and not listed(UNCHECKED, nb.stem, src)]
+    assert not silent, (f"{nb.name}: cells whose output nbval ignores and that check nothing, so a regression there "
+                        f"passes unseen: add an assert or check_band, or list them in UNCHECKED with the reason: {silent}")
+
+
+def test_every_listed_cell_exists():
+    """A stale entry would hide nothing today but allow anything tomorrow."""
+    sources = {nb.stem: [src for _, src, _ in code_cells(nb)] for nb in LESSONS}
+    for table in (EXACT, UNCHECKED):
+        for lesson, line in table:
+            hits = [s for s in sources.get(lesson, []) if line in s]
+            assert len(hits) == 1, f"{lesson}: {len(hits)} cells contain {line!r}"
