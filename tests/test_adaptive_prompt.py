@@ -113,7 +113,7 @@ def test_non_square_grid_and_batch_size_one():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(kernel=5), "kernel 5 does not fit the 4×4 patch grid: use 1 <= kernel <= 4"),
+    (dict(kernel=5), "kernel 5 does not fit the 4×4 patch grid of 32 px inputs: use 1 <= kernel <= 4"),
     (dict(kernel=0), "kernel 0 does not fit"),
     (dict(hidden=0), "hidden"),
     (dict(dropout=1.0), "dropout"),

@@ -13,7 +13,8 @@ import torch
 
 from conftest import need
 from vapt_min import train as T
-from vapt_min.bench import accuracy, infer, main, read_results, speed
+from vapt_min.bench import infer, main, speed
+from vapt_min.grid import accuracy, read_results
 from vapt_min.data import data_root
 
 REPO = Path(__file__).resolve().parents[1]

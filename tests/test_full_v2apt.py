@@ -36,6 +36,7 @@ def build(vit, **kw):
 def source_name(full_key: str, src_keys) -> str:
     """The source method's name for a full-v2apt tensor: the parts keep their modules, under vae. / domain."""
     for cand in (full_key, full_key.replace("generator.vae.", "generator."), full_key.replace("generator.domain.", "generator."),
+                 full_key.replace("generator.guidance.", "generator."),
                  "generator.domain" if full_key == "generator.domain.prompts" else None):
         if cand in src_keys:
             return cand
@@ -111,7 +112,7 @@ def test_the_full_model_composes_every_part():
 def test_history_uses_the_domain_outputs_only():
     # With the VAE on, ViaPT's history must see block i-1's domain outputs, not its instance outputs.
     vit = tiny_vit()
-    gen = FullV2APTPrompts(5, 48, 3, 8, 4, vae=True, inst_prompts=2, pca_dim=4)
+    gen = FullV2APTPrompts(5, 48, 3, 8, grid=4, vae=True, inst_prompts=2, pca_dim=4)
     gen.train()
     tokens, prompts = torch.randn(2, 17, 48), torch.randn(2, 5, 48)
     seen = []
@@ -124,7 +125,7 @@ def test_history_uses_the_domain_outputs_only():
 def test_guidance_proxies_with_pca_are_the_batch_mean_of_the_domain_prompts():
     vit = tiny_vit()
     guide = dict(blocks=vit.blocks, num_classes=4, guided_layers=(2,), num_guided=2)
-    gen = FullV2APTPrompts(5, 48, 3, 8, 4, vae=False, pca_dim=4, guide=guide)
+    gen = FullV2APTPrompts(5, 48, 3, 8, grid=4, vae=False, pca_dim=4, guide=guide)
     gen.update_map(torch.randn(4, 48))
     gen.train()
     gen.targets = torch.tensor([0, 1, 2])
@@ -135,8 +136,8 @@ def test_guidance_proxies_with_pca_are_the_batch_mean_of_the_domain_prompts():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "full-v2apt", "--inst-prompts", "10"], "leaves no domain prompts"),
-    (["--method", "full-v2apt", "--mg-prompts", "6"], "must be in [1, 5] (the domain prompts"),
+    (["--method", "full-v2apt", "--inst-prompts", "10"], "no domain prompts left"),
+    (["--method", "full-v2apt", "--mg-prompts", "6"], "must be in [1, 5] (num_guided, of the prompts it can guide"),
     (["--method", "full-v2apt", "--pca-dim", "0"], "--no-pca"),
     (["--method", "full-v2apt", "--no-vae", "--eval-samples", "3"], "full-v2apt --no-vae"),
     (["--method", "full-v2apt", "--no-kv-bias", "--bias-extended"], "--bias-extended"),
@@ -147,7 +148,7 @@ def test_bad_full_options_are_named(args, message):
 
 
 def test_no_vae_has_no_latent_to_sample():
-    gen = FullV2APTPrompts(5, 48, 3, 8, 4, vae=False)
+    gen = FullV2APTPrompts(5, 48, 3, 8, grid=4, vae=False)
     assert gen.eval_samples == 1
     with pytest.raises(ValueError, match="--no-vae"):
         gen.eval_samples = 3

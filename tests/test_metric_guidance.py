@@ -124,7 +124,7 @@ def test_cosine_kmeans_never_leaves_a_cluster_empty():
 
 def test_class_prompt_map_updates_and_stays_valid():
     x, _ = blobs(k=3, per=4, E=8)                                        # 12 "class means" in 3 groups
-    m = ClassPromptMap(num_classes=12, num_guided=3)
+    m = ClassPromptMap(num_classes=12, num_guided=3, dim=8)
     with pytest.raises(ValueError, match="update_map"):
         m(torch.tensor([0]))
     assert m.update(x) == 12
@@ -145,7 +145,7 @@ def test_class_prompt_map_updates_and_stays_valid():
 
 
 def test_fewer_classes_than_prompts_one_prompt_per_class():
-    m = ClassPromptMap(num_classes=3, num_guided=5)
+    m = ClassPromptMap(num_classes=3, num_guided=5, dim=8)
     assert m.num_proxies == 3 and torch.equal(m.assign, torch.arange(3))  # prompts 3, 4 stay unguided
     assert m.update(torch.randn(3, 8)) == 0 and torch.equal(m.assign, torch.arange(3))
 
@@ -194,7 +194,7 @@ def test_same_init_and_parameters_as_deep_prompts():
     torch.manual_seed(5)
     gen = MetricGuidedPrompts(P, D, L, 8, vit.blocks, C)
     assert torch.equal(deep.prompts, gen.prompts)
-    assert [n for n, _ in gen.named_parameters()] == ["prompts"] and list(gen.state_dict()) == ["prompts"]
+    assert [n for n, _ in gen.named_parameters()] == ["prompts"] and list(gen.state_dict()) == ["prompts", "map.assign", "map.centroids"]
 
 
 @pytest.mark.parametrize("weights", [dict(lambda_visual=0.0, lambda_cls=0.0), dict(lambda_visual=1.0, lambda_cls=1.0)])

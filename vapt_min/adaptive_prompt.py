@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import prompt_init_bound
+from .prompts import PromptGenerator, check_prompt_count, patch_grid, prompt_init_bound
 
 
 class FeatureProjector(nn.Module):
@@ -59,16 +59,15 @@ class AdaptiveLayer(nn.Module):
 
     def forward(self, patches):                               # (B, N, D)
         B, N, D = patches.shape
-        gh, gw = self.grid
-        if N != gh * gw:
-            raise ValueError(f"VAPT was built for a {gh}×{gw} patch grid ({gh * gw} patches) but got {N} patches: "
-                             "build it with the grid of the input size you run (img_size // patch_size)")
+        gh, gw = patch_grid(self.grid, N, "VAPT")
         # Our choice, for speed (same function as the formula above): the conv and the token map are both linear
         # over the grid and shared by the D channels, and Dropout2d multiplies each whole channel by one number,
-        # which commutes with both. So W_i·flat(conv_k(G)) = (W_i ∘ conv_k)·G, and W_i ∘ conv_k is a (P, N) matrix:
+        # which commutes with both. So W_i·flat(conv_k(G)) = (W_i ∘ conv_k)·G, and W_i ∘ conv_k is a (P, N)
+        # matrix:
         # each row of W_i, laid on the reduced grid, pushed through the conv's adjoint (conv_transpose2d). Building
         # that matrix costs P tiny images; running conv2d on B·D single-channel maps instead made VAPT's training
-        # step 1.37× VPT-Deep's on CPU, two thirds of it in the conv's backward. Tests check it against the direct path.
+        # step 1.37× VPT-Deep's on CPU, two thirds of it in the conv's backward. Tests check it against the direct
+        # path.
         P = self.token_map.out_features
         cells = self.token_map.weight.view(P, 1, gh - self.kernel.shape[-2] + 1, gw - self.kernel.shape[-1] + 1)
         weight = F.conv_transpose2d(cells, self.kernel).view(P, N)  # (P, N): the token map after the conv
@@ -77,7 +76,7 @@ class AdaptiveLayer(nn.Module):
             t = t * self.drop(t.new_ones(B, D, 1, 1)).view(B, 1, D)
         return t + self.token_map.bias[:, None]                     # (B, P, D)
 
-    def forward_direct(self, patches):                        # (B, N, D): the formula step by step, for tests and lesson 06
+    def forward_direct(self, patches):  # (B, N, D): the formula step by step, for tests and lesson 06
         B, N, D = patches.shape
         gh, gw = self.grid
         x = self.norm(patches).transpose(1, 2).reshape(B * D, 1, gh, gw)  # (B·D, 1, gh, gw): one channel at a time
@@ -86,26 +85,26 @@ class AdaptiveLayer(nn.Module):
         return self.token_map(x.flatten(2)).transpose(1, 2)                 # (B, D, P) -> (B, P, D)
 
 
-class AdaptivePrompts(nn.Module):
+class AdaptivePrompts(PromptGenerator):
     """VAPT as a prompt generator: static prompts before block 0, adaptive prompts before every later block."""
 
-    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, grid: tuple[int, int] | int,
+    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid: tuple[int, int] | int,
                  kernel: int = 2, hidden: int = 8, dropout: float = 0.1):
         super().__init__()
-        gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        gh, gw = patch_grid(grid)
+        check_prompt_count(num_prompts)
         if kernel < 1 or kernel > min(gh, gw):
-            raise ValueError(f"VAPT kernel {kernel} does not fit the {gh}×{gw} patch grid: use 1 <= kernel <= {min(gh, gw)} "
-                             "(or a larger input size)")
+            raise ValueError(f"--vapt-kernel: kernel {kernel} does not fit the {gh}×{gw} patch grid of "
+                             f"{gh * patch_size} px inputs: use 1 <= kernel <= {min(gh, gw)}, or a larger --img-size")
         if hidden < 1:
-            raise ValueError(f"VAPT bottleneck width (hidden) must be >= 1, got {hidden}")
+            raise ValueError(f"--vapt-hidden: hidden (the bottleneck width r) must be >= 1, got {hidden}")
         if not 0 <= dropout < 1:
-            raise ValueError(f"VAPT dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"--vapt-dropout: dropout must be in [0, 1), got {dropout}")
         self.grid, self.kernel_size = (gh, gw), kernel
         bound = prompt_init_bound(patch_size, dim)
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))  # (1, P, D) for layer 0
-        self.layers = nn.ModuleList(AdaptiveLayer(num_prompts, dim, (gh, gw), kernel, dropout) for _ in range(depth - 1))
+        self.layers = nn.ModuleList(AdaptiveLayer(num_prompts, dim, (gh, gw), kernel, dropout)
+                                    for _ in range(depth - 1))
         self.projector = FeatureProjector(dim, hidden, dropout)
 
     def forward(self, i, tokens, prompts, aux):
@@ -115,7 +114,8 @@ class AdaptivePrompts(nn.Module):
         return self.projector(self.layers[i - 1](tokens[:, 1:]))  # (B, P, D)
 
 
-def vapt_param_count(num_prompts: int, dim: int, depth: int, grid: tuple[int, int], kernel: int = 2, hidden: int = 8) -> int:
+def vapt_param_count(num_prompts: int, dim: int, depth: int, grid: tuple[int, int], kernel: int = 2,
+                     hidden: int = 8) -> int:
     """The closed form of AdaptivePrompts' parameter count (tests pin the module against it)."""
     cells = (grid[0] - kernel + 1) * (grid[1] - kernel + 1)
     per_layer = 2 * dim + kernel**2 + cells * num_prompts + num_prompts

@@ -252,6 +252,24 @@ def _capped(labels, cap: int) -> list[int]:
     return sorted(order[:cap])
 
 
+def check_protocol(protocol: str, n_train: int, n_val: int, shots: int | None, percent: float | None,
+                   test_cap: int | None):
+    """The split options' rules, stated once (train.Config.validate and make_splits both call this)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "shots" and not (shots or 0) >= 1:
+        raise ValueError(f"protocol 'shots' needs shots=k (--shots K) with k >= 1 images per class, got {shots}")
+    if protocol == "percent" and not 0 < (percent or 0) <= 100:
+        raise ValueError(f"protocol 'percent' needs percent in (0, 100] (--percent P), got {percent}")
+    if shots is not None and protocol != "shots":
+        raise ValueError(f"--shots {shots} needs --protocol shots (the protocol is {protocol!r})")
+    if percent is not None and protocol != "percent":
+        raise ValueError(f"--percent {percent} needs --protocol percent (the protocol is {protocol!r})")
+    if n_train < 1 or n_val < 0 or (test_cap is not None and test_cap < 1):
+        raise ValueError(f"need n_train >= 1, n_val >= 0 and test_cap >= 1 (or none), got {n_train}, {n_val}, "
+                         f"{test_cap}")
+
+
 def make_splits(source: Source, *, protocol: str = "vtab1k", seed: int = 0, n_train: int = 800, n_val: int = 200,
                 shots: int | None = None, percent: float | None = None, test_cap: int | None = None
                 ) -> dict[str, Samples]:
@@ -261,17 +279,7 @@ def make_splits(source: Source, *, protocol: str = "vtab1k", seed: int = 0, n_tr
     shots  : `shots` images per class, val = n_val from the rest     percent: `percent`% of each class, ditto
     full   : everything except n_val held out for val                test_cap: fixed, class-balanced subset
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if protocol == "shots" and (shots is None or shots < 1):
-        raise ValueError(f"protocol 'shots' needs shots=k with k >= 1 images per class, got {shots}")
-    if protocol == "percent" and (percent is None or not 0 < percent <= 100):
-        raise ValueError(f"protocol 'percent' needs percent in (0, 100], got {percent}")
-    if (shots is not None and protocol != "shots") or (percent is not None and protocol != "percent"):
-        raise ValueError(f"shots/percent belong to their own protocol; drop them or set it (now {protocol!r})")
-    if n_train < 0 or n_val < 0 or (test_cap is not None and test_cap < 1):
-        raise ValueError(f"need n_train, n_val >= 0 and test_cap >= 1, got {n_train}, {n_val}, {test_cap}")
-
+    check_protocol(protocol, n_train, n_val, shots, percent, test_cap)
     if protocol == "vtab1k" and source.official:  # the published 800/200 lists; n_train/n_val are ignored
         splits = {"train": source.official["train"], "val": source.official["val"]}
     else:

@@ -88,7 +88,8 @@ def broadcast(obj, src: int = 0):
 
 
 def shard(samples, rank: int, world: int):
-    """A rank's part of an evaluation split (every world-th item): counts are summed afterwards, so any partition will do."""
+    """A rank's part of an evaluation split (every world-th item): counts are summed afterwards, so any partition
+    will do."""
     return samples if world == 1 else samples.subset(range(rank, len(samples), world))
 
 

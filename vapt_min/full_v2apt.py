@@ -3,8 +3,8 @@
     before block i:  P_i = [ P_i^inst | P_i^dom ]                              (B, P, D): VPT-Deep's token count
         P_i^inst = Decoder(z),  z ~ N(μ, σ²) = Encoder(E_0)                   vae:   V²APT's instance prompts
         P_i^dom  = W_i                                                         (pca off: VPT-Deep's domain prompts)
-                 = z̄ + (Z_{i-1} − z̄) V_m V_mᵀ + W_i C_mᵀ   (i ≥ 1)             pca:   ViaPT's fusion across layers,
-                                                                                      Z_{i-1} = block i−1's domain outputs
+                 = z̄ + (Z_{i-1} − z̄) V_m V_mᵀ + W_i C_mᵀ   (i ≥ 1)             pca:   ViaPT's fusion across layers
+                                                                       (Z_{i-1}: block i−1's domain outputs)
     loss = CE + β·KL  [vae]  + β_v·L_ML(X, P^dom) + λ·L_ML(P^dom, x_cls)  [guide: DA-VPT on the domain prompts]
     kv_bias: the k, v biases of every attention layer train too (DA-VPT+)
 
@@ -29,46 +29,42 @@ Shapes: B batch, N patches, P prompts (P_inst + P_dom), D width, L layers, G gui
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .metric_guidance import MetricGuidedPrompts
 from .pca_fusion import ViaPTPrompts
-from .prompts import DeepPrompts
+from .prompts import DeepPrompts, PromptGenerator
 from .vae_prompt import VAEPrompts
 
 
-class FullV2APTPrompts(nn.Module):
+class FullV2APTPrompts(PromptGenerator):
     """The composed generator. vae: inst_prompts of the num_prompts are instance prompts. pca_dim = m > 0: ViaPT's
     fusion on the domain prompts (m = 0: off). guide: a dict of MetricGuidedPrompts options (blocks, num_classes,
     guided_layers, num_guided, lambda_visual, ...) or None. K/V bias tuning is `enable_bias_tuning` on the backbone."""
 
-    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, grid, *, vae: bool = True,
-                 inst_prompts: int = 5, latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, pca_dim: int = 0,
-                 refresh: int = 25, guide: dict | None = None):
+    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid, vae: bool = True,
+                 inst_prompts: int = 5, latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1,
+                 pca_dim: int = 0, refresh: int = 25, guide: dict | None = None):
         super().__init__()
         n_inst = inst_prompts if vae else 0
         n_dom = num_prompts - n_inst
-        if vae and not 1 <= inst_prompts <= num_prompts:
-            raise ValueError(f"prompt split does not add up: {inst_prompts} instance prompts out of {num_prompts}; "
-                             "use 1 <= inst_prompts <= num_prompts")
-        if n_dom < 1:
-            raise ValueError(f"no domain prompts left ({inst_prompts} instance prompts of {num_prompts}): the PCA fusion and "
-                             "the guidance act on the domain prompts; lower --inst-prompts, or turn off --pca and --guide")
-        if not 0 <= pca_dim <= dim:
-            raise ValueError(f"pca_dim m must be in [0, {dim}] (0 = off), got {pca_dim}")
         self.n_inst, self.m, self.dim = n_inst, pca_dim, dim
-        # Created in the order of the parts, each by the module it comes from.
-        self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, latent_dim, beta, eval_samples,
-                              with_domain=False) if vae else None
-        self.domain = (ViaPTPrompts(n_dom, dim, depth, patch_size, grid, pca_dim, instance=False, refresh=refresh)
-                       if pca_dim > 0 else DeepPrompts(n_dom, dim, depth, patch_size))
-        self.guidance = MetricGuidedPrompts(n_dom, dim, depth, patch_size, **guide, own_prompts=False) if guide else None
+        # Created in the order of the parts, each by the module it comes from, which checks its own options.
+        self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, latent_dim=latent_dim, beta=beta,
+                              eval_samples=eval_samples, with_domain=False) if vae else None
+        if n_dom < 1:
+            raise ValueError(f"no domain prompts left (--inst-prompts {inst_prompts} of --num-prompts {num_prompts}): "
+                             "the PCA fusion and the guidance act on the domain prompts; lower --inst-prompts")
+        self.domain = (ViaPTPrompts(n_dom, dim, depth, patch_size, grid=grid, pca_dim=pca_dim, instance=False,
+                                    refresh=refresh) if pca_dim != 0 else DeepPrompts(n_dom, dim, depth, patch_size))
+        self.guidance = MetricGuidedPrompts(n_dom, dim, depth, patch_size, **guide, own_prompts=False) \
+            if guide else None
         self.loss_weights = {**(self.vae.loss_weights if vae else {}), **(self.guidance.loss_weights if guide else {})}
-        if guide:
-            self.map = self.guidance.map                                # the class → prompt map, read by train.py
-            self.targets = None                                         # set by PromptedViT.forward
 
-    # What PromptedViT and train.py read from a generator, forwarded to the part that owns it.
+    # What PromptedViT and the loop read from a generator (prompts.PromptGenerator), forwarded to the part that owns it.
+    @property
+    def samples(self) -> bool:
+        return self.vae is not None
+
     @property
     def eval_samples(self) -> int:
         return self.vae.eval_samples if self.vae is not None else 1
@@ -82,13 +78,15 @@ class FullV2APTPrompts(nn.Module):
     def update_map(self, class_means) -> int:
         return self.guidance.update_map(class_means)
 
+    def epoch_hook(self, model, loader) -> dict:
+        return self.guidance.epoch_hook(model, loader) if self.guidance is not None else {}
+
     def forward(self, i, tokens, prompts, aux):
-        B = tokens.shape[0]
         previous = None if prompts is None else prompts[:, self.n_inst:]  # block i−1's domain outputs: (B, P_dom, D)
         dom = self.domain(i, tokens, previous, aux)                     # (B, P_dom, D), or None: carry (m = d)
         inst = self.vae(i, tokens, prompts, aux) if self.vae is not None else None  # (B, P_inst, D)
         if self.guidance is not None:
-            self.guidance.targets = getattr(self, "targets", None)
+            self.guidance.targets = self.targets
             if self.guidance.guiding(i):
                 current = previous if dom is None else dom
                 everything = current if inst is None else torch.cat([inst, current], dim=1)

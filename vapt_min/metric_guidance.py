@@ -22,35 +22,50 @@ Our reading where the paper is silent:
 - Layers: `guided_layers` are block indices i (0-based); the prompts entering block i are guided there. Default: the
   last block (§5.3.2: the final layer is best in most cases). The first G prompts of a guided layer are the proxies.
 
-How train.py uses it:
-    gen = MetricGuidedPrompts(P, D, L, p, vit.blocks, num_classes, guided_layers=(L - 1,))
-    model = PromptedViT(vit, num_classes, gen, prompt_dropout=...)      # freezes the whole backbone ...
-    n = enable_bias_tuning(vit)       # ... so DA-VPT+ comes after it, and before the optimizer collects parameters
-    gen.update_map(class_means(vit, train_eval_loader, device))        # before training: frozen ViT, no prompts (§3.4)
-    for epoch ...: train as usual (model(x, y) sets gen.targets; the loop adds Σ w·aux)
-        gen.update_map(class_means(model, train_eval_loader, device))  # after each epoch: the prompted model's CLS
-`train_eval_loader`: the training split, unshuffled, without augmentation. The re-clustering features are the final
-(normed) CLS of the current prompted model in eval mode, the representation the head classifies; one extra no-grad
-pass per epoch. Measured (ViT-Ti/16, CIFAR-10, G = 4): the frozen map groups {airplane, ship}, {automobile, truck},
-{cat, dog}, {bird, deer, frog, horse}; the randomly prompted model before training puts 7 classes in one cluster, so
-the first re-clusterings move most classes, then the map settles (0 changes from epoch 3). The map is not a parameter: on --resume call `update_map(class_means(model, ...))` again (a cold
-k-means, the previous centroids being lost). A run with bias tuning saves `blocks.i.attn.kv_bias`, so `load_run`
-must call `enable_bias_tuning` too.
+How a run uses it (train.py knows none of this: it calls the generator's epoch_hook, prompts.PromptGenerator):
+    before the first epoch, `epoch_hook` clusters the class means of the frozen backbone's final CLS (§3.4); after
+    every epoch but the last it re-clusters those of the current prompted model in eval mode, warm-started from the
+    previous centroids; `map_changes` and `map_time_s` go into that epoch's metrics row. The map lives in buffers
+    (`map.assign`, `map.centroids`), so checkpoints and --resume carry it. Under torchrun rank 0 clusters and every rank
+    receives its map. A run with bias tuning saves `blocks.i.attn.kv_bias`, so `load_run` enables it too.
+Measured (ViT-Ti/16, CIFAR-10, G = 4; lesson 05): the frozen map groups {airplane, ship}, {automobile, truck},
+{cat, dog}, {bird, deer, frog, horse}; the first re-clusterings move most classes, then the map settles.
 
 Shapes: B batch, N patches, P prompts per layer, G guided prompts (proxies), C classes, D width, L layers, E embedding.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import PromptedViT, prompt_init_bound
+from . import dist
+from .prompts import PromptedViT, PromptGenerator, check_prompt_count, prompt_init_bound
+
+
+def check_normalise(normalise: str):
+    if normalise not in ("original", "all"):
+        raise ValueError(f"--mg-normalise: unknown normalise {normalise!r}: use 'original' (positives over proxies "
+                         "with positives) or 'all'")
+
+
+def guided_blocks(spec: str, depth: int) -> tuple[int, ...]:
+    """--mg-layers: 'last' or '9,10,11' → block indices, checked against the depth."""
+    if spec == "last":
+        return (depth - 1,)
+    try:
+        blocks = tuple(sorted({int(t) for t in spec.split(",")}))
+    except ValueError:
+        raise ValueError(f"--mg-layers {spec!r}: use 'last' or comma-separated block indices such as 9,10,11") from None
+    if not all(0 <= b < depth for b in blocks):
+        raise ValueError(f"--mg-layers {spec!r}: block indices must be in [0, {depth - 1}] for a {depth}-block ViT")
+    return blocks
 
 
 def _check_loss_inputs(embeddings, labels, proxies, normalise):
-    if normalise not in ("original", "all"):
-        raise ValueError(f"unknown normalise {normalise!r}: use 'original' (positives over proxies with positives) or 'all'")
+    check_normalise(normalise)
     if embeddings.dim() != 2 or proxies.dim() != 2 or labels.dim() != 1:
         raise ValueError(f"expected embeddings (N, E), labels (N,), proxies (C, E); got {tuple(embeddings.shape)}, "
                          f"{tuple(labels.shape)}, {tuple(proxies.shape)}")
@@ -64,7 +79,8 @@ def _check_loss_inputs(embeddings, labels, proxies, normalise):
         raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
     # One device sync per call: the price of failing loudly instead of training on garbage.
     if labels.min() < 0 or labels.max() >= c:
-        raise ValueError(f"labels out of range: min {labels.min().item()}, max {labels.max().item()}, need 0 <= label < {c}")
+        raise ValueError(f"labels out of range: min {labels.min().item()}, max {labels.max().item()}, "
+                         f"need 0 <= label < {c}")
     if not (torch.isfinite(embeddings).all() and torch.isfinite(proxies).all()):
         raise ValueError("non-finite values (nan or inf) in the embeddings or the proxies")
 
@@ -74,7 +90,8 @@ def _lse0(z):
     return torch.logsumexp(torch.cat([z.new_zeros(1, z.shape[1]), z]), dim=0)  # (C,)
 
 
-def proxy_anchor_loss(embeddings, labels, proxies, alpha: float = 32.0, delta: float = 0.1, normalise: str = "original"):
+def proxy_anchor_loss(embeddings, labels, proxies, alpha: float = 32.0, delta: float = 0.1,
+                      normalise: str = "original"):
     """Proxy-Anchor with cosine similarity: embeddings (N, E) with labels (N,) in [0, C) against proxies (C, E).
 
     normalise="original": positive term averaged over the proxies with a positive in the batch, negative term over
@@ -158,9 +175,7 @@ def class_means(model, loader, device, num_classes: int | None = None):
     feats, labels = [], []
     for x, y in loader:
         x = x.to(device)
-        if isinstance(model, PromptedViT):
-            if hasattr(model.generator, "targets"):
-                model.generator.targets = None                          # no stale labels of the last training batch
+        if isinstance(model, PromptedViT):                              # (features, aux); targets None: no labels
             feats.append(model.forward_features(x)[0][:, 0].float().cpu())
         else:
             feats.append(model.forward_features(x)[:, 0].float().cpu())
@@ -172,33 +187,41 @@ def class_means(model, loader, device, num_classes: int | None = None):
     return mean_per_class(torch.cat(feats), labels, num_classes)
 
 
-class ClassPromptMap:
-    """Class → guided prompt index. C > G: cosine k-means of the class means into G clusters. C <= G: class c → prompt c,
-    and prompts C..G−1 stay unguided (Appendix A.3). `num_proxies` = min(C, G) proxies per guided layer."""
+class ClassPromptMap(nn.Module):
+    """Class → guided prompt index. C > G: cosine k-means of the class means into G clusters. C <= G: class c →
+    prompt c, and prompts C..G−1 stay unguided (Appendix A.3). `num_proxies` = min(C, G) proxies per guided layer.
+    Buffers (so a checkpoint carries them): assign (C,), −1 until the first clustering; centroids (G, dim)."""
 
-    def __init__(self, num_classes: int, num_guided: int, seed: int = 0):
+    def __init__(self, num_classes: int, num_guided: int, dim: int, seed: int = 0):
+        super().__init__()
         if num_classes < 2 or num_guided < 1:
             raise ValueError(f"need >= 2 classes and >= 1 guided prompt, got {num_classes} and {num_guided}")
         self.num_classes, self.num_proxies, self.seed = num_classes, min(num_classes, num_guided), seed
-        self.assign = torch.arange(num_classes) if num_classes <= num_guided else None  # (C,) or None until update
-        self.centroids = None                                           # (G, E) after the first clustering
+        self.clusters = num_classes > num_guided                        # else one prompt per class, nothing to learn
+        self.register_buffer("assign", torch.full((num_classes,), -1) if self.clusters else torch.arange(num_classes))
+        self.register_buffer("centroids", torch.zeros(self.num_proxies, dim))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.assign[0] >= 0)
 
     def update(self, class_means) -> int:
         """Re-cluster (warm-started from the previous centroids); returns how many classes changed prompt."""
         if class_means.dim() != 2 or class_means.shape[0] != self.num_classes:
             raise ValueError(f"class means must be ({self.num_classes}, E), got {tuple(class_means.shape)}")
-        if self.num_classes <= self.num_proxies:
+        if not self.clusters:
             return 0                                                    # one prompt per class: nothing to cluster
-        assign, self.centroids = cosine_kmeans(class_means.cpu(), self.num_proxies, init=self.centroids,
-                                               seed=self.seed)
-        changed = self.num_classes if self.assign is None else int((assign != self.assign).sum())
-        self.assign = assign
+        assign, centroids = cosine_kmeans(class_means.cpu(), self.num_proxies,
+                                          init=self.centroids.cpu() if self.ready else None, seed=self.seed)
+        changed = int((assign != self.assign.cpu()).sum()) if self.ready else self.num_classes
+        self.assign.copy_(assign)
+        self.centroids.copy_(centroids)
         return changed
 
-    def __call__(self, labels):
-        if self.assign is None:
+    def forward(self, labels):
+        if not self.ready:
             raise ValueError("the class → prompt map is empty: call gen.update_map(class_means(vit, loader, device)) "
-                             "before training")
+                             "before training (train does, through the generator's epoch_hook)")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels out of range [0, {self.num_classes}): "
                              f"min {labels.min().item()}, max {labels.max().item()}")
@@ -209,7 +232,7 @@ class ClassPromptMap:
 # The generator: VPT-Deep prompts, plus the two metric-guidance losses at the guided layers during training
 
 
-class MetricGuidedPrompts(nn.Module):
+class MetricGuidedPrompts(PromptGenerator):
     """DA-VPT prompt generator. Forward = VPT-Deep (same parameter, shape and initialisation as `DeepPrompts`).
 
     blocks: the frozen `vit.blocks`, read for W_q and the attention output; held outside the module tree (not a
@@ -218,26 +241,28 @@ class MetricGuidedPrompts(nn.Module):
     the guided layers; weights `lambda_visual` (the paper's β) and `lambda_cls` (λ). A zero weight skips its term.
     """
 
-    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, blocks, num_classes: int,
-                 guided_layers=None, num_guided: int | None = None, lambda_visual: float = 0.1, lambda_cls: float = 0.1,
-                 alpha: float = 32.0, delta: float = 0.1, normalise: str = "original", anchor: str = "attn", seed: int = 0,
-                 own_prompts: bool = True):
+    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, blocks, num_classes: int, *,
+                 guided_layers=None, num_guided: int | None = None, lambda_visual: float = 0.1,
+                 lambda_cls: float = 0.1, alpha: float = 32.0, delta: float = 0.1, normalise: str = "original",
+                 anchor: str = "attn", seed: int = 0, own_prompts: bool = True):
         super().__init__()
         guided_layers = tuple(sorted(set((depth - 1,) if guided_layers is None else guided_layers)))
         num_guided = num_prompts if num_guided is None else num_guided
-        if num_prompts < 1 or not 1 <= num_guided <= num_prompts:
-            raise ValueError(f"need 1 <= num_guided <= num_prompts, got {num_guided} of {num_prompts}")
+        check_prompt_count(num_prompts)
+        if not 1 <= num_guided <= num_prompts:
+            raise ValueError(f"--mg-prompts {num_guided} must be in [1, {num_prompts}] (num_guided, of the prompts it "
+                             "can guide: --num-prompts, or the domain prompts of the full V²APT)")
         if len(blocks) != depth or blocks[0].attn.qkv.in_features != dim:
             raise ValueError(f"blocks do not match depth {depth} and width {dim}: pass vit.blocks of the same ViT")
         if not guided_layers or not all(0 <= i < depth for i in guided_layers):
             raise ValueError(f"guided_layers must be block indices in [0, {depth}), got {guided_layers}; "
                              "for no guidance use DeepPrompts")
         if min(lambda_visual, lambda_cls) < 0 or alpha <= 0 or delta < 0:
-            raise ValueError(f"need lambda_visual, lambda_cls >= 0, alpha > 0, delta >= 0; "
-                             f"got {lambda_visual}, {lambda_cls}, {alpha}, {delta}")
-        if normalise not in ("original", "all") or anchor not in ("attn", "mean"):
-            raise ValueError(f"normalise must be 'original' or 'all' (got {normalise!r}); "
-                             f"anchor must be 'attn' or 'mean' (got {anchor!r})")
+            raise ValueError(f"--mg-visual, --mg-cls and --mg-delta must be >= 0 and --mg-alpha > 0 (lambda_visual, "
+                             f"lambda_cls, alpha, delta); got {lambda_visual}, {lambda_cls}, {alpha}, {delta}")
+        check_normalise(normalise)
+        if anchor not in ("attn", "mean"):
+            raise ValueError(f"--mg-anchor: unknown anchor {anchor!r}: use attn or mean")
         bound = prompt_init_bound(patch_size, dim)
         # own_prompts=False: the guidance alone, for prompts made elsewhere (the full V²APT): call guide(...) with them.
         self.prompts = nn.Parameter(torch.empty(depth, num_prompts, dim).uniform_(-bound, bound)) \
@@ -245,13 +270,29 @@ class MetricGuidedPrompts(nn.Module):
         object.__setattr__(self, "blocks", blocks)                      # a plain reference: not registered, not saved
         self.guided_layers, self.anchor, self.normalise = guided_layers, anchor, normalise
         self.alpha, self.delta = alpha, delta
-        self.map = ClassPromptMap(num_classes, num_guided, seed)
+        self.map = ClassPromptMap(num_classes, num_guided, dim, seed)
         self.loss_weights = {"mg_visual": lambda_visual, "mg_cls": lambda_cls}
-        self.targets = None                                             # set by PromptedViT.forward: (B,) or None
 
     def update_map(self, class_means) -> int:
-        """Cluster (first call) or re-cluster (warm start) the classes onto the guided prompts; see the module docstring."""
+        """Cluster (first call) or re-cluster (warm start) the classes onto the guided prompts (module docstring)."""
         return self.map.update(class_means)
+
+    def epoch_hook(self, model, loader) -> dict:
+        """§3.4: the class → prompt map from the class means over `loader`: of the frozen backbone the first time, of
+        the prompted model after that. Rank 0 clusters, every rank receives its map: all ranks must guide with one map,
+        and a k-means on each rank could drift apart. Returns the classes that changed prompt and the time it took."""
+        if not self.map.clusters:
+            return {}                                                   # class c → prompt c: nothing to learn
+        t = time.time()
+        changes = None
+        if dist.is_main():
+            device = next(model.parameters()).device
+            features_of = model if self.map.ready else model.vit        # before training: the frozen ViT, no prompts
+            changes = self.update_map(class_means(features_of, loader, device, model.head.out_features))
+        assign, centroids, changes = dist.broadcast((self.map.assign, self.map.centroids, changes))
+        self.map.assign.copy_(assign)
+        self.map.centroids.copy_(centroids)
+        return {"map_changes": changes, "map_time_s": time.time() - t}
 
     def forward(self, i, tokens, prompts, aux):
         B = tokens.shape[0]
@@ -305,7 +346,8 @@ def enable_bias_tuning(vit, extended: bool = False) -> int:
     Note: b_k adds q·b_k to every score of a query, which the softmax cancels: it never changes the logits.
     """
     if any(p.requires_grad for p in vit.blocks.parameters() if p.dim() > 1):
-        raise ValueError("bias tuning is for a frozen backbone: call it after PromptedViT(vit, ..., train_backbone=False)")
+        raise ValueError("bias tuning is for a frozen backbone: call it after "
+                         "PromptedViT(vit, ..., train_backbone=False)")
     n = 0
     for blk in vit.blocks:
         attn = blk.attn

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import prompt_init_bound
+from .prompts import PromptGenerator, check_prompt_count, patch_grid, prompt_init_bound
 
 
 def principal_basis(cov):
@@ -63,7 +63,8 @@ def principal_basis(cov):
 
 
 def pca_reconstruct(x, m: int):
-    """PCA of the rows of x (n, D) fitted on x itself; reconstruction from the top m components: μ + (x − μ) V_m V_mᵀ."""
+    """PCA of the rows of x (n, D) fitted on x itself; reconstruction from the top m components:
+    μ + (x − μ) V_m V_mᵀ."""
     mu = x.mean(0)
     centred = x - mu
     V = principal_basis(centred.T @ centred / max(1, x.shape[0] - 1))[:, :m]  # (D, m)
@@ -135,46 +136,45 @@ class InstanceEncoder(nn.Module):
 
     def forward(self, patches):                                        # (B, N, D)
         B, N, D = patches.shape
-        gh, gw = self.grid
-        if N != gh * gw:
-            raise ValueError(f"ViaPT was built for a {gh}×{gw} patch grid ({gh * gw} patches) but got {N} patches: "
-                             "build it with the grid of the input size you run (img_size // patch_size)")
+        gh, gw = patch_grid(self.grid, N, "ViaPT")
         x = F.layer_norm(patches, (D,)).transpose(1, 2).reshape(B, D, gh, gw)  # (B, D, gh, gw)
         x = F.gelu(self.local(x)).flatten(2)                                   # (B, D, N)
         mu, logvar = self.to_slots(x).transpose(1, 2).split(self.P, dim=1)     # (B, 2P, D) → 2 × (B, P, D)
         return mu, logvar
 
 
-class ViaPTPrompts(nn.Module):
+class ViaPTPrompts(PromptGenerator):
     """ViaPT as a prompt generator. pca_dim = m in [0, dim]; instance=False drops the instance branch."""
+    samples = True                                                     # the instance prompts are drawn
 
-    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, grid: tuple[int, int] | int,
+    def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid: tuple[int, int] | int,
                  pca_dim: int, instance: bool = True, inst_pca_dim: int = 16, eval_samples: int = 1, refresh: int = 25):
         super().__init__()
-        grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        grid = patch_grid(grid)
+        check_prompt_count(num_prompts)
         if not 0 <= pca_dim <= dim:
-            raise ValueError(f"pca_dim m must be in [0, {dim}] (0 = VPT-Deep, {dim} = VPT-Shallow), got {pca_dim}")
+            raise ValueError(f"--pca-dim: pca_dim m must be in [0, {dim}] (0 = VPT-Deep, {dim} = VPT-Shallow), "
+                             f"got {pca_dim}")
         if instance and not 1 <= inst_pca_dim <= dim:
-            raise ValueError(f"inst_pca_dim must be in [1, {dim}], got {inst_pca_dim}")
+            raise ValueError(f"--inst-pca-dim: inst_pca_dim must be in [1, {dim}], got {inst_pca_dim}")
         if eval_samples < 1:
-            raise ValueError(f"eval_samples R must be >= 1 (1 = z = μ), got {eval_samples}")
+            raise ValueError(f"--eval-samples: eval_samples R must be >= 1 (1 = z = μ), got {eval_samples}")
         if refresh < 1:
-            raise ValueError(f"refresh must be >= 1 training steps, got {refresh}")
+            raise ValueError(f"--pca-refresh: refresh must be >= 1 training steps, got {refresh}")
         self.m, self.dim, self.inst_pca_dim, self.eval_samples = pca_dim, dim, inst_pca_dim, eval_samples
         bound = prompt_init_bound(patch_size, dim)
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))  # P^data: (1, P, D)
         # W_i: the d − m learnable coordinates of every block after the first, (P, d − m) each
         self.new = nn.ParameterList(nn.Parameter(torch.empty(num_prompts, dim - pca_dim).uniform_(-bound, bound))
                                     for _ in range(depth - 1)) if pca_dim < dim else nn.ParameterList()
-        self.pcas = nn.ModuleList(RunningPCA(dim, refresh=refresh) for _ in range(depth - 1)) if 0 < pca_dim < dim else None
+        self.pcas = nn.ModuleList(RunningPCA(dim, refresh=refresh) for _ in range(depth - 1)) \
+            if 0 < pca_dim < dim else None
         self.encoder = InstanceEncoder(num_prompts, dim, grid, bound) if instance else None
         self.inst_pca = RunningPCA(dim, refresh=refresh) if instance else None
 
     @torch.no_grad()
     def carry(self, i: int, old_basis):
-        """After block i's basis was refreshed: W_i ← W_i C_oldᵀ C_new, the learnt part re-expressed in the new basis."""
+        """After block i's basis was refreshed: W_i ← W_i C_oldᵀ C_new, the learnt part in the new basis."""
         if old_basis is not None:
             C_old, C_new = old_basis[:, self.m:], self.pcas[i].basis[:, self.m:]   # (D, d − m) each
             self.new[i].copy_(self.new[i] @ (C_old.T @ C_new))
@@ -184,11 +184,6 @@ class ViaPTPrompts(nn.Module):
             for i, pca in enumerate(self.pcas):
                 self.carry(i, pca.recompute())                        # the refresh before evaluation, carried
         return super().train(mode)
-
-    def sample(self, mu, logvar):
-        if self.training or self.eval_samples > 1:
-            return mu + torch.randn_like(mu) * (0.5 * logvar).exp()   # reparameterisation
-        return mu                                                     # fixed sampling: z = μ
 
     def forward(self, i, tokens, prompts, aux):
         B = tokens.shape[0]

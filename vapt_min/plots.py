@@ -131,7 +131,8 @@ def plot_grid_results(rows: list[dict], tasks: list[str]):
 def prompt_map(model, x: torch.Tensor, which: slice = slice(None)) -> torch.Tensor:
     """V²APT's Fig. 3 "prompt map" (our definition; the paper gives no formula): before every block, the cosine
     similarity between each patch token and the prompt tokens entering that block, averaged over the prompts (all
-    P, or the slots in `which`), on the patch grid: (L, B, gh, gw). `model`: a PromptedViT with prompts, in eval mode."""
+    P, or the slots in `which`), on the patch grid: (L, B, gh, gw). `model`: a PromptedViT with prompts, in eval
+    mode."""
     seen = []
     hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in model.vit.blocks]
     try:

@@ -8,12 +8,8 @@ Semantics of the reference code (KMnP/vpt): prompts sit after CLS and before the
 embedding, are initialised uniform in ±√(6 / (3·p² + D)), pass through one dropout, and the frozen backbone stays
 in eval mode while the prompts train.
 
-A prompt generator is any module called as `gen(i, tokens, prompts, aux)`: layer index i, the tokens entering
-block i as (B, 1+N, D) = [CLS | patches], the previous block's prompt outputs (B, P, D) or None, and a dict
-where it may put auxiliary losses (unweighted; their weights in its `loss_weights` dict). It returns the prompts
-for block i, (B, P, D), or None to carry the previous prompt outputs on. Every method in this package is such a
-generator. A generator whose loss needs the labels (DA-VPT) has a `targets` attribute: `forward(x, targets)` sets it
-before the loop (None at evaluation), so no generator ever sees a stale batch's labels.
+Every method in this package is a prompt generator: a `PromptGenerator` (below), whose docstring is the contract
+the loop, the evaluation, the benchmarks and the lessons rely on.
 
 Shapes: B batch, N patches, P prompts, D width, L layers, p patch size.
 """
@@ -32,13 +28,67 @@ def prompt_init_bound(patch_size: int, dim: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size**2 + dim))
 
 
-class ShallowPrompts(nn.Module):
+class PromptGenerator(nn.Module):
+    """The generator contract, written down once.
+
+    PromptedViT.forward_features calls gen(i, tokens, prompts, aux) before block i:
+        i        the block index, 0 … L−1
+        tokens   (B, 1+N, D) = [CLS | patches] entering block i (before block 0: the embeddings)
+        prompts  (B, P, D): block i−1's prompt outputs, or None (before block 0)
+        aux      a dict for auxiliary losses, unweighted (e.g. aux["kl"]); their weights are in `loss_weights`
+    and it returns block i's prompts (B, P, D), or None to carry block i−1's prompt outputs on.
+
+    Optional parts, with the defaults this class gives; who reads them:
+        loss_weights  {}      {name: w}: loss = CE + Σ w·aux[name]; PromptedViT.aux_weights → the loop, benchmarks
+        samples       False   True if the prompts are drawn at random (V²APT's VAE, ViaPT's instance branch)
+        eval_samples  1       R: at evaluation, the mean logits of R draws (PromptedViT.forward); only for samples=True
+                              (train.validate refuses --eval-samples otherwise; bench infer sets it)
+        targets       None    the (B,) labels of the batch being trained on, set by PromptedViT.forward_features before
+                              block 0 (None at evaluation); read by generators whose loss needs labels (DA-VPT)
+        epoch_hook(model, loader) → {}
+                              state that depends on the whole training set: the loop calls it before the first epoch
+                              of a fresh run and after every epoch but the last, with the PromptedViT and an unshuffled
+                              loader over the training split; it returns entries for that epoch's metrics row. Its state
+                              lives in buffers, so checkpoints and --resume carry it (DA-VPT's class → prompt map)
+    """
+    samples = False
+    eval_samples = 1
+    targets = None
+
+    def __init__(self):
+        super().__init__()
+        self.loss_weights: dict[str, float] = {}
+
+    def epoch_hook(self, model, loader) -> dict:
+        return {}
+
+    def sample(self, mu, logvar):
+        """z = μ + σ·ε (the reparameterisation trick) in training and for R-sample inference; z = μ otherwise."""
+        if self.training or self.eval_samples > 1:
+            return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        return mu
+
+
+def patch_grid(grid, num_patches: int | None = None, method: str = "") -> tuple[int, int]:
+    """(gh, gw) from an int or a pair; with num_patches, checked against the tokens a generator actually receives."""
+    gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if num_patches is not None and num_patches != gh * gw:
+        raise ValueError(f"{method} was built for a {gh}×{gw} patch grid ({gh * gw} patches) but got {num_patches} "
+                         "patches: build it with the grid of the input size you run (img_size // patch_size)")
+    return gh, gw
+
+
+def check_prompt_count(num_prompts: int):
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1 (--num-prompts), got {num_prompts}")
+
+
+class ShallowPrompts(PromptGenerator):
     """VPT-Shallow: P prompts inserted once, before block 0; their outputs are carried through later blocks."""
 
     def __init__(self, num_prompts: int, dim: int, patch_size: int):
         super().__init__()
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        check_prompt_count(num_prompts)
         bound = prompt_init_bound(patch_size, dim)
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))  # (1, P, D)
 
@@ -46,13 +96,12 @@ class ShallowPrompts(nn.Module):
         return self.prompts.expand(tokens.shape[0], -1, -1) if i == 0 else None  # (B, P, D) or carry
 
 
-class DeepPrompts(nn.Module):
+class DeepPrompts(PromptGenerator):
     """VPT-Deep: a fresh set of P prompts before every block, replacing the previous block's prompt outputs."""
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int):
         super().__init__()
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        check_prompt_count(num_prompts)
         bound = prompt_init_bound(patch_size, dim)
         self.prompts = nn.Parameter(torch.empty(depth, num_prompts, dim).uniform_(-bound, bound))  # (L, P, D)
 
@@ -85,7 +134,8 @@ class PromptedViT(nn.Module):
         self.generator = generator
         self.prompt_dropout = nn.Dropout(prompt_dropout)
         self.head = nn.Linear(vit.dim, num_classes)
-        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # start at loss = ln(classes), as timm's jax init
+        nn.init.zeros_(self.head.weight)  # start at loss = ln(classes): timm does so only in its JAX-style init
+        nn.init.zeros_(self.head.bias)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -93,13 +143,16 @@ class PromptedViT(nn.Module):
             self.vit.eval()  # frozen: its dropout/normalisation behave as at inference, as in the VPT reference
         return self
 
-    def forward_features(self, x, attn_out: list | None = None):
-        """The prompted loop of DESIGN.md. Returns the final-norm sequence (B, 1+P+N, D) and the aux dict."""
+    def forward_features(self, x, attn_out: list | None = None, targets=None):
+        """The prompted loop of DESIGN.md. Returns the final-norm sequence (B, 1+P+N, D) and the aux dict.
+        targets: the batch's labels (B,) in training, for generators whose loss needs them; None otherwise."""
         tokens = self.vit.embed(x)                          # (B, 1+N, D)
         prompts, aux = None, {}
+        if self.generator is not None:
+            self.generator.targets = targets                # never a stale batch's labels
         for i, block in enumerate(self.vit.blocks):
             new = self.generator(i, tokens, prompts, aux) if self.generator is not None else None
-            if new is not None:
+            if new is not None:                             # VPT Eq. (7): fresh prompts replace the previous outputs
                 prompts = self.prompt_dropout(new)          # (B, P, D); no position embedding
             P = 0 if prompts is None else prompts.shape[1]
             seq = tokens if P == 0 else torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)  # (B, 1+P+N, D)
@@ -109,11 +162,9 @@ class PromptedViT(nn.Module):
         return self.vit.norm(seq), aux
 
     def forward(self, x, targets=None):
-        if hasattr(self.generator, "targets"):
-            self.generator.targets = targets                # (B,) class ids, or None
-        R = getattr(self.generator, "eval_samples", 1)
+        R = self.generator.eval_samples if self.generator is not None else 1
         if self.training or R == 1:
-            feats, aux = self.forward_features(x)
+            feats, aux = self.forward_features(x, targets=targets)
             return self.head(feats[:, 0]), aux              # (B, classes), {name: loss}
         # Multi-round inference for generators that sample: the mean of the logits of R sampled prompt sets.
         runs = [self.forward_features(x) for _ in range(R)]
@@ -121,7 +172,7 @@ class PromptedViT(nn.Module):
 
     def aux_weights(self) -> dict[str, float]:
         """The weight of each auxiliary loss that forward returns: loss = CE + Σ_k w_k · aux_k."""
-        return dict(getattr(self.generator, "loss_weights", {}))
+        return dict(self.generator.loss_weights) if self.generator is not None else {}
 
     @torch.no_grad()
     def attention_maps(self, x) -> list[torch.Tensor]:

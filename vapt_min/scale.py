@@ -5,7 +5,7 @@
 Every lesson takes its training budget from `lesson_budget(...)`. Without the variable (or with VAPT_MIN_SCALE=cpu)
 the budget is what the lesson wrote, the one its saved outputs and `pytest --nbval` were made with; training runs take
 the GPU when there is one (numbers then differ from the saved ones a little: other kernels, other rounding). With
-VAPT_MIN_SCALE=paper the budget becomes the `paper` preset of train.py: meant for a GPU, hours on a CPU.
+VAPT_MIN_SCALE=paper the budget becomes the `paper` preset (config.PRESETS): meant for a GPU, hours on a CPU.
 
 `check_band(...)` is how a lesson guards a number that comes out of training, sampling or a long float reduction
 (STYLE 10): the number must lie in a stated band around the saved run's, so a library update's last digits pass and a
@@ -14,6 +14,8 @@ real regression fails; the cell's printout is `# NBVAL_IGNORE_OUTPUT`.
 from __future__ import annotations
 
 import os
+
+from .config import PRESETS
 
 ENV = "VAPT_MIN_SCALE"
 SCALES = ("cpu", "paper")
@@ -31,7 +33,6 @@ def lesson_budget(**cpu) -> dict:
     protocol's 800/200 images where the lesson draws a smaller vtab1k split (few-shot protocols keep their shots)."""
     if scale() == "cpu":
         return dict(cpu)
-    from .train import PRESETS
     paper = {**cpu, **PRESETS["paper"], "num_workers": min(8, os.cpu_count() or 1)}
     if cpu.get("protocol", "vtab1k") == "vtab1k":
         paper.update(n_train=800, n_val=200)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import prompt_init_bound
+from .prompts import PromptGenerator, prompt_init_bound
 
 
 def kl_standard_normal(mu, logvar):
@@ -38,21 +38,22 @@ def kl_standard_normal(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(-1).mean()
 
 
-class VAEPrompts(nn.Module):
+class VAEPrompts(PromptGenerator):
     """Prompt generator: [instance prompts from the VAE | static domain prompts] before every block."""
+    samples = True                                  # z is drawn: eval_samples = R > 1 averages R draws
 
-    def __init__(self, num_prompts: int, inst_prompts: int, dim: int, depth: int, patch_size: int,
+    def __init__(self, num_prompts: int, inst_prompts: int, dim: int, depth: int, patch_size: int, *,
                  latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, with_domain: bool = True):
         super().__init__()
         if not 1 <= inst_prompts <= num_prompts:
-            raise ValueError(f"prompt split does not add up: {inst_prompts} instance prompts out of {num_prompts} per "
-                             f"layer; use 1 <= inst_prompts <= num_prompts (the rest, {num_prompts} - inst_prompts, are domain prompts)")
+            raise ValueError(f"prompt split does not add up: --inst-prompts {inst_prompts} of --num-prompts "
+                             f"{num_prompts}; use 1 <= inst_prompts <= num_prompts (the rest are domain prompts)")
         if latent_dim < 1:
-            raise ValueError(f"latent_dim K must be >= 1, got {latent_dim}")
+            raise ValueError(f"--latent-dim: latent_dim K must be >= 1, got {latent_dim}")
         if beta < 0:
-            raise ValueError(f"beta (the KL weight) must be >= 0, got {beta}")
+            raise ValueError(f"--beta: beta (the KL weight) must be >= 0, got {beta}")
         if eval_samples < 1:
-            raise ValueError(f"eval_samples R must be >= 1, got {eval_samples}")
+            raise ValueError(f"--eval-samples: eval_samples R must be >= 1 (1 = z = μ), got {eval_samples}")
         self.num_prompts, self.inst_prompts, self.latent_dim = num_prompts, inst_prompts, latent_dim
         self.eval_samples = eval_samples
         self.loss_weights = {"kl": beta}            # read by PromptedViT.aux_weights: loss = CE + β·KL
@@ -80,11 +81,6 @@ class VAEPrompts(nn.Module):
         mu, logvar = self.to_latent(pooled).chunk(2, dim=-1)                    # (B, K) each
         return mu, logvar
 
-    def sample(self, mu, logvar):
-        if self.training or self.eval_samples > 1:
-            return mu + torch.randn_like(mu) * (0.5 * logvar).exp()             # reparameterisation trick
-        return mu                                                               # inference policy: z = μ
-
     def decode(self, z):
         """z (B, K) → instance prompts for every layer (B, L, P_inst, D)."""
         s, t = self.film(z).chunk(2, dim=-1)                                    # (B, D) each
@@ -95,7 +91,7 @@ class VAEPrompts(nn.Module):
         if i == 0:  # encode the image once, from the embeddings entering block 0
             mu, logvar = self.encode(tokens[:, 1:])
             aux["kl"] = kl_standard_normal(mu, logvar)
-            self._inst = self.decode(self.sample(mu, logvar))                   # (B, L, P_inst, D)
+            self._inst = self.decode(self.sample(mu, logvar))                   # z = μ + σ·ε: (B, L, P_inst, D)
         inst = self._inst[:, i]                                                 # (B, P_inst, D)
         if self.domain is None:
             return inst

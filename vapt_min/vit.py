@@ -28,9 +28,16 @@ import torch.nn.functional as F
 from einops import rearrange
 
 # timm's widths, depths and heads for the standard ViT sizes (the head count cannot be read off the weights).
-SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16)}
+SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+         "huge": (1280, 32, 16)}
 # Preprocessing of the augreg/in21k checkpoints; a config.json beside the weights or timm's own config overrides it.
 DEFAULT_CFG = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def check_input_size(size: int, patch: int):
+    if size % patch:
+        raise ValueError(f"img_size {size} is not divisible by the patch size {patch}: use a multiple of {patch}, "
+                         f"e.g. {patch * max(1, round(size / patch))}")
 
 
 class PatchEmbed(nn.Module):
@@ -42,10 +49,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {self.patch_size}: "
-                             f"use an image size that is a multiple of {self.patch_size} (e.g. {self.patch_size * max(1, round(H / self.patch_size))})")
+        for size in x.shape[-2:]:
+            check_input_size(size, self.patch_size)
         x = self.proj(x)                                   # (B, D, H/p, W/p)
         return rearrange(x, "b d h w -> b (h w) d")        # (B, N, D)
 
@@ -127,13 +132,14 @@ class ViT(nn.Module):
         return self
 
     def pos_embed_for(self, grid_h: int, grid_w: int):
-        """Position embeddings for a grid_h × grid_w patch grid, bicubically resampled when it differs from the stored grid."""
+        """Position embeddings for a grid_h × grid_w patch grid, bicubically resampled when it is not the stored one."""
         if (grid_h, grid_w) == (self.grid, self.grid):
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch_pos = rearrange(patch_pos, "1 (h w) d -> 1 d h w", h=self.grid)
         # Same resampling as timm's resample_abs_pos_embed (bicubic, antialias), so logits match timm at any size.
-        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", antialias=True, align_corners=False)
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", antialias=True,
+                                  align_corners=False)
         patch_pos = rearrange(patch_pos.to(cls_pos.dtype), "1 d h w -> 1 (h w) d")  # (1, N, D)
         return torch.cat([cls_pos, patch_pos], dim=1)       # (1, 1+N, D)
 
@@ -203,10 +209,12 @@ def arch_of(sd: dict) -> dict:
 
 def check_arch(sd: dict, model: ViT, source: str):
     got = arch_of(sd)
-    want = dict(dim=model.dim, depth=len(model.blocks), patch_size=model.patch_size, img_size=model.grid * model.patch_size)
+    want = dict(dim=model.dim, depth=len(model.blocks), patch_size=model.patch_size,
+                img_size=model.grid * model.patch_size)
     if got != want:
         raise ValueError(f"weights in {source} are for a ViT with {got}, but the model is {want}: "
-                         "pass the model name that matches the weights file (e.g. --model vit_tiny_patch16_224 for ViT-Ti/16 weights)")
+                         "pass the model name that matches the weights file (e.g. --model vit_tiny_patch16_224 for "
+                         "ViT-Ti/16 weights)")
 
 
 def from_pretrained(name: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k", weights: str | Path | None = None) -> ViT:
@@ -228,7 +236,8 @@ def from_pretrained(name: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k", wei
             path = path / "model.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}. Lay the real weights out with "
-                                    "`python data/prepare.py --from ../shared/data` (offline copy) or `--download` (online), "
+                                    "`python data/prepare.py --from ../shared/data` (offline copy) or `--download` "
+                                    "(online), "
                                     "or pass --weights hub to download through timm")
         sd, source = read_state_dict(path), str(path)
         cfg_file = path.parent / "config.json"
@@ -238,7 +247,8 @@ def from_pretrained(name: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k", wei
             except ValueError as e:
                 raise ValueError(f"{cfg_file} is damaged (not JSON: {e}): {PREPARE}") from None
             arch["num_heads"] = meta.get("model_args", {}).get("num_heads", arch["num_heads"])
-            cfg.update({k: meta.get("pretrained_cfg", {})[k] for k in DEFAULT_CFG if k in meta.get("pretrained_cfg", {})})
+            given = meta.get("pretrained_cfg", {})
+            cfg.update({k: given[k] for k in DEFAULT_CFG if k in given})
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     model = ViT(mlp_ratio=4.0, num_classes=num_classes, **arch)
     check_arch(sd, model, source)
