@@ -5,6 +5,7 @@
     python -m vapt_min.bench speed --methods vpt-deep v2apt --img-size 224 --batch-size 64
     python -m vapt_min.bench speed --methods vpt-deep full --precision fp32 --attention explicit  # as official code
     python -m vapt_min.bench infer runs/viapt/*-seed0 --samples 1 5   # fixed sampling vs multi-round inference
+    python -m vapt_min.bench probe runs/v2apt-*                 # does the generator use the image? (probe.py)
     python -m vapt_min.bench accuracy                           # the accuracy grid (grid.py)
 
 Speed: the training step (train.train_step: forward, loss, backward, optimizer) and inference time of each method on
@@ -21,14 +22,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from . import grid
+from . import grid, probe
 from .build import build_backbone, build_data, build_loaders, build_model, pick_device, use_bf16, validate
 from .config import METHODS, Config, opt, parser_for
 from .runs import markdown_table
@@ -185,6 +189,47 @@ def infer(run_dirs, samples=(1, 5), seed=0) -> list[dict]:
     return rows
 
 
+def probe_runs(run_dirs, batch_size: int = 64, which: str = "last") -> list[dict]:
+    """Every diagnostic of probe.py for trained runs, on each run's own test split (mixed-class batches): the swap
+    test, the latent's information, the scale of what the generator inserts, the last epoch's loss balance."""
+    rows = []
+    for run_dir in run_dirs:
+        model, cfg = load_run(run_dir, which)
+        if model.generator is None:
+            raise ValueError(f"{run_dir}: method {cfg.method!r} has no prompt generator to probe")
+        dev = pick_device(cfg)
+        bf16 = use_bf16(cfg, dev)
+        model.to(dev)
+        _, splits = build_data(cfg, model.vit.pretrained_cfg)
+        loader = probe.mixed_loader(splits["test"], batch_size)
+        x = next(iter(loader))[0][:16].to(dev)
+        metrics = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        balance = probe.loss_balance(metrics, model.aux_weights())[-1]
+        rows.append({"run": str(run_dir), "method": cfg.method, **probe.swap_test(model, loader, dev, bf16),
+                     "latent": probe.latent_information(model, loader, dev),
+                     "scale": probe.inserted_scale(model, x), "balance": balance,
+                     "diagnostics": model.generator.diagnostics(model, x)})
+    print(markdown_table(rows, {
+        "run": lambda r: r["run"], "method": lambda r: r["method"],
+        "test acc: own / swapped / null input": lambda r: " / ".join(
+            f"{100 * r[k]:.1f}" for k in ("acc_own", "acc_swapped", "acc_null")),
+        "predictions changed: swap / null": lambda r: f"{100 * r['changed_swapped']:.1f} % / "
+                                                      f"{100 * r['changed_null']:.1f} %",
+        "latent (bits per image)": lambda r: "—" if r["latent"] is None else
+            f"{r['latent']['kl_bits']:.2f}" + (" collapsed" if r["latent"]["collapsed"] else ""),
+        "last epoch: ce, aux (weighted)": lambda r: f"{r['balance']['ce']:.3f}" + "".join(
+            f", {k} {v:.3g} ({r['balance'][k + '_weighted']:.3g})" for k, v in r["balance"].items()
+            if k not in ("epoch", "ce") and not k.endswith("_weighted"))}))
+    blocks = lambda v: " ".join("·" if math.isnan(t) else f"{t:.2f}" for t in v)
+    for r in rows:
+        if r["diagnostics"]:
+            print(f"\n{r['run']}: " + " | ".join(f"{k} {v:.3f}" for k, v in r["diagnostics"].items()))
+        print(f"\n{r['run']}: mean norm of an inserted prompt token, per block (· = carried)")
+        for name, v in r["scale"].items():
+            print(f"  {name:28s} {blocks(v)}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The CLI: one dataclass per subcommand, its parser generated as train's is (config.parser_for)
 
@@ -210,6 +255,14 @@ class InferConfig:
     seed: int = opt(0, "seed of the sampled rounds")
 
 
+@dataclass
+class ProbeConfig:
+    runs: list[str] = opt([], "run folders of prompt methods (as written by python -m vapt_min.train --out)",
+                          positional=True)
+    batch_size: int = opt(64, "images per batch (the swap test swaps within a batch)")
+    which: str = opt("last", "checkpoint: last or best", choices=("last", "best"))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m vapt_min.bench", description=__doc__.split("\n\n")[0],
@@ -219,6 +272,9 @@ def main(argv=None):
                                            allow_abbrev=False))
     parser_for(InferConfig, sub.add_parser("infer", help="fixed sampling vs multi-round inference of trained v2apt / "
                                            "viapt runs", allow_abbrev=False))
+    parser_for(ProbeConfig, sub.add_parser("probe", help="does each trained generator use the image? the swap test, "
+                                           "the latent's bits, the scale of the prompts, the loss balance",
+                                           allow_abbrev=False))
     grid.add_parser(sub)
     given = vars(p.parse_args(argv))
     kind = given.pop("bench")
@@ -227,6 +283,9 @@ def main(argv=None):
         if a.workers < 1 or a.threads < 1:
             p.error("--workers and --threads must be >= 1")
         grid.main(a, argv)
+    elif kind == "probe":
+        a = ProbeConfig(**given)
+        probe_runs(a.runs, a.batch_size, a.which)
     elif kind == "infer":
         a = InferConfig(**given)
         if min(a.samples) < 1:

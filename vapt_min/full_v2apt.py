@@ -78,6 +78,17 @@ class FullV2APTPrompts(PromptGenerator):
     def update_map(self, class_means) -> int:
         return self.guidance.update_map(class_means)
 
+    def parts(self, i, tokens, prompts) -> dict:
+        """For the diagnostics: the instance prompts' and the domain prompts' own parts, named by the part."""
+        previous = None if prompts is None else prompts[:, self.n_inst:]
+        out = {f"domain {k}": v for k, v in self.domain.parts(i, tokens, previous).items()}
+        if self.vae is not None:
+            out.update(self.vae.parts(i, tokens, prompts))
+        return out
+
+    def diagnostics(self, model, x) -> dict:
+        return self.guidance.diagnostics(model, x, first=self.n_inst) if self.guidance is not None else {}
+
     def epoch_hook(self, model, loader) -> dict:
         return self.guidance.epoch_hook(model, loader) if self.guidance is not None else {}
 

@@ -300,6 +300,32 @@ class MetricGuidedPrompts(PromptGenerator):
             self.guide(i, tokens, aux, self.prompts[i].expand(B, -1, -1), self.prompts[i, :self.map.num_proxies])
         return self.prompts[i].expand(B, -1, -1)                        # (B, P, D): VPT-Deep
 
+    @torch.no_grad()
+    def diagnostics(self, model, x, first: int = 0) -> dict:
+        """At the (last) guided block, on images x: how alike unrelated tokens look in the space the losses compare in
+        (the mean cosine between the CLS queries of different images, and between the CLS queries and the proxies),
+        the same for the raw tokens (the official code's space), and the share of the patches' attention that goes
+        to the prompts (near 1: the visual anchors are mostly the prompts' own values). first: where the guided
+        prompts start among the prompts entering the block (the full V²APT's domain prompts follow its instance
+        ones)."""
+        i, seen = self.guided_layers[-1], []
+        hook = self.blocks[i].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        maps = model.attention_maps(x)                                  # L × (B, h, T, T)
+        hook.remove()
+        blk, seq, G = self.blocks[i], seen[0], self.map.num_proxies     # seq: (B, 1+P+N, D)
+        N = (x.shape[-2] // model.vit.patch_size) * (x.shape[-1] // model.vit.patch_size)
+        P, D = seq.shape[1] - 1 - N, seq.shape[-1]
+        cls, proxies = seq[:, 0], seq[:, 1 + first:1 + first + G].mean(0)  # (B, D), (G, D): as guide() sees them
+        query = lambda t: F.normalize(F.linear(blk.norm1(t), blk.attn.qkv.weight[:D], blk.attn.qkv.bias[:D]), dim=-1)
+        others = ~torch.eye(len(cls), dtype=torch.bool)
+        out = {}
+        for space, f in (("query", query), ("raw", lambda t: F.normalize(t, dim=-1))):
+            c = f(cls)                                                  # (B, D)
+            out[f"{space} cos, CLS vs CLS"] = (c @ c.T)[others].mean().item()
+            out[f"{space} cos, CLS vs proxies"] = (c @ f(proxies).T).mean().item()
+        out["patch attention to prompts"] = maps[i][:, :, 1 + P:, 1:1 + P].sum(-1).mean().item()
+        return out
+
     def guiding(self, i: int) -> bool:
         """Whether block i adds the guidance losses now: training, labels set, a non-zero weight, a guided block."""
         return (self.training and self.targets is not None and i in self.guided_layers

@@ -194,7 +194,8 @@ class ViaPTPrompts(PromptGenerator):
             inst = self.sample(*self.encoder(tokens[:, 1:]))          # P^inst: (B, P, D)
             if self.training:
                 self.inst_pca.update(inst.detach())
-            return p0 + self.inst_pca.project(inst, self.inst_pca_dim)  # P^data + Π_k(P^inst)
+            self._inst = self.inst_pca.project(inst, self.inst_pca_dim)  # Π_k(P^inst), kept for `parts`
+            return p0 + self._inst                                    # P^data + Π_k(P^inst)
         if self.m == self.dim:
             return None                                               # V_d V_dᵀ = I: carry Z on (VPT-Shallow)
         if self.m == 0:
@@ -202,10 +203,26 @@ class ViaPTPrompts(PromptGenerator):
         pca = self.pcas[i - 1]
         if self.training:
             self.carry(i - 1, pca.update(prompts.detach()))
+        return sum(self.history(i, prompts))                          # z̄ + (Z − z̄) V_m V_mᵀ + W_i C_mᵀ: (B, P, D)
+
+    def history(self, i: int, prompts):
+        """Block i ≥ 1 at 0 < m < d: the running mean z̄, the kept part (Z − z̄) V_m V_mᵀ, the learnt part W_i C_mᵀ."""
+        pca = self.pcas[i - 1]
         C = pca.basis[:, self.m:].to(prompts.dtype)                   # C_m: (D, d − m)
         mean = pca.mean.to(prompts.dtype)                             # z̄: (D,)
-        history = mean + pca.project(prompts - mean, self.m)          # z̄ + (Z − z̄) V_m V_mᵀ
-        return history + self.new[i - 1] @ C.T                        # + W_i C_mᵀ: (B, P, D)
+        return mean.expand_as(prompts), pca.project(prompts - mean, self.m), self.new[i - 1] @ C.T
+
+    def parts(self, i, tokens, prompts) -> dict:
+        """For the diagnostics: block 0's dataset prompts; after it, ViaPT's mean, kept history and learnt part."""
+        if i == 0:
+            data = {"dataset": self.prompts.expand(tokens.shape[0], -1, -1)}
+            return data if self.encoder is None else {**data, "instance": self._inst}
+        if self.m == 0:
+            return {"learnt": self.new[i - 1].expand(tokens.shape[0], -1, -1)}
+        if self.m == self.dim:
+            return {}
+        mean, kept, learnt = self.history(i, prompts)
+        return {"mean": mean, "kept history": kept, "learnt": learnt.expand_as(kept)}
 
 
 def viapt_param_count(num_prompts: int, dim: int, depth: int, grid: tuple[int, int], pca_dim: int,

@@ -45,6 +45,13 @@ class PromptGenerator(nn.Module):
                               (train.validate refuses --eval-samples otherwise; bench infer sets it)
         targets       None    the (B,) labels of the batch being trained on, set by PromptedViT.forward_features before
                               block 0 (None at evaluation); read by generators whose loss needs labels (DA-VPT)
+        parts(i, tokens, prompts) → {}
+                              called right after gen(i, ...) by the diagnostics (probe.inserted_scale): the named
+                              components of what it just returned, each (B, P', D), e.g. V²APT's base and
+                              image-dependent part, ViaPT's mean, kept history and learnt part
+        diagnostics(model, x) → {}
+                              method-specific numbers on images x that say whether it does its job (DA-VPT: how
+                              alike unrelated tokens look where its losses compare them); printed by bench probe
         epoch_hook(model, loader) → {}
                               state that depends on the whole training set: the loop calls it before the first epoch
                               of a fresh run and after every epoch but the last, with the PromptedViT and an unshuffled
@@ -60,6 +67,12 @@ class PromptGenerator(nn.Module):
         self.loss_weights: dict[str, float] = {}
 
     def epoch_hook(self, model, loader) -> dict:
+        return {}
+
+    def parts(self, i: int, tokens, prompts) -> dict:
+        return {}
+
+    def diagnostics(self, model, x) -> dict:
         return {}
 
     def sample(self, mu, logvar):

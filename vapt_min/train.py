@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import dist as vdist
-from . import runs
+from . import probe, runs
 from .build import (build_backbone, build_data, build_loaders, build_model, build_optimizer, lr_lambda,  # noqa: F401
                     pick_device, setup, use_bf16, validate)
 from .config import METHODS, PRESETS, Config, build_parser  # noqa: F401  (re-exported for the lessons)
@@ -204,13 +204,19 @@ def finish(cfg: Config, r, weights, aux_max, best, val_acc, test_acc, wall, img_
     for k in near_zero:  # for V²APT's KL this is a collapsed posterior: z carries no information about the image
         log(f"warning: auxiliary loss {k!r} stayed below {AUX_NEAR_ZERO:g} in every epoch although its weight is "
             f"{weights[k]}")
+    # does the generator use the image? (probe.py; the validation split, never the test split)
+    diagnostics = probe.cheap(r.model, r.splits["val"], r.device, r.bf16) if r.rank == 0 else {}
+    latent = diagnostics.get("latent")
+    if latent and latent["collapsed"]:
+        log(f"warning: the latent carries {latent['kl_bits']:.2f} bits per image (KL {latent['kl_nats']:.3f} nats), "
+            "under one bit: a collapsed posterior, the instance prompts hardly depend on the image")
     trainable, total_params = r.model.param_counts()
     summary = {"method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "num_classes": len(r.source.classes),
                "best_val_acc": best["val_acc"], "best_epoch": best["epoch"] + 1, "last_val_acc": val_acc,
                "test_acc": test_acc, "trainable_params": trainable, "total_params": total_params,
                "trainable_pct": 100 * trainable / total_params, "wall_time_s": wall, "train_img_per_s": img_per_s,
                "device": str(r.device), "precision": "bf16" if r.bf16 else "fp32", "world_size": r.world,
-               "aux_near_zero": near_zero, "run_dir": str(r.out)}
+               "aux_near_zero": near_zero, "probe": diagnostics, "run_dir": str(r.out)}
     if r.rank == 0:
         runs.atomic_write(r.out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     log(runs.results_table([summary]))

@@ -96,3 +96,13 @@ class VAEPrompts(PromptGenerator):
         if self.domain is None:
             return inst
         return torch.cat([inst, self.domain[i].expand(B, -1, -1)], dim=1)       # P̂_i: (B, P, D)
+
+    def parts(self, i, tokens, prompts) -> dict:
+        """For the diagnostics: the instance prompts, their base B_i and the image-dependent rest, the domain
+        prompts."""
+        inst = self._inst[:, i]                                                 # (B, P_inst, D), from the last call
+        out = {"instance": inst, "instance base": self.base[i].expand_as(inst),
+               "instance image part": inst - self.base[i]}
+        if self.domain is not None:
+            out["domain"] = self.domain[i].expand(inst.shape[0], -1, -1)
+        return out

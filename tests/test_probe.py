@@ -1,0 +1,148 @@
+"""The diagnostics on constructed cases: a generator that ignores the image, one that reads it, a latent in bits."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_vit
+from vapt_min import probe
+from vapt_min.adaptive_prompt import AdaptivePrompts
+from vapt_min.pca_fusion import ViaPTPrompts
+from vapt_min.prompts import DeepPrompts, PromptedViT, PromptGenerator
+from vapt_min.vae_prompt import VAEPrompts
+
+C, P, D, L = 5, 4, 48, 3
+
+
+class ImagePrompts(PromptGenerator):
+    """A generator that is nothing but its image: P copies of the mean patch token, scaled up."""
+
+    def forward(self, i, tokens, prompts, aux):
+        return 20 * tokens[:, 1:].mean(1, keepdim=True).expand(-1, P, -1)
+
+
+def batches(n=4, b=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, C, (b,), generator=g)) for _ in range(n)]
+
+
+def model_with(gen, seed=0):
+    torch.manual_seed(seed)
+    model = PromptedViT(tiny_vit(), C, gen).eval()
+    torch.nn.init.normal_(model.head.weight)                    # a head that reads the features
+    return model
+
+
+def test_a_generator_that_ignores_the_image_changes_nothing():
+    r = probe.swap_test(model_with(DeepPrompts(P, D, L, 8)), batches(), torch.device("cpu"))
+    assert r["changed_swapped"] == r["changed_null"] == 0.0
+    assert r["acc_own"] == r["acc_swapped"] == r["acc_null"] and r["images"] == 32
+
+
+def test_a_generator_that_reads_the_image_changes_predictions():
+    r = probe.swap_test(model_with(ImagePrompts()), batches(), torch.device("cpu"))
+    assert r["changed_swapped"] > 0.1 and r["changed_null"] > 0.1
+    vapt = model_with(AdaptivePrompts(P, D, L, 8, grid=4))
+    for layer in vapt.generator.layers:                         # the token maps start at zero: give them weights
+        torch.nn.init.normal_(layer.token_map.weight, std=1.0)
+    assert probe.swap_test(vapt, batches(), torch.device("cpu"))["changed_swapped"] > 0
+
+
+def test_the_swap_feeds_another_image_and_the_null_input_is_the_same_for_all():
+    x = torch.arange(3.0)[:, None, None].expand(3, 2, 4)
+    assert torch.equal(probe.derangement(x)[:, 0, 0], torch.tensor([1.0, 2.0, 0.0]))  # nobody keeps their own
+    assert torch.equal(probe.batch_mean(x)[:, 0, 0], torch.tensor([1.0, 1.0, 1.0]))
+    class Recording(ImagePrompts):
+        def forward(self, i, tokens, prompts, aux):
+            self.seen = tokens
+            return super().forward(i, tokens, prompts, aux)
+    gen = Recording()
+    with probe.fed(gen, probe.derangement):
+        gen(0, x, None, {})
+    assert torch.equal(gen.seen, probe.derangement(x))
+    gen(0, x, None, {})
+    assert torch.equal(gen.seen, x) and "forward" not in gen.__dict__          # restored after the block
+
+
+def test_batches_of_one_image_are_skipped():
+    r = probe.swap_test(model_with(ImagePrompts()), [(torch.randn(1, 3, 32, 32), torch.tensor([0]))], torch.device("cpu"))
+    assert r["images"] == 1 and r["acc_own"] == 0.0                         # nothing counted, no division by zero
+
+
+def test_latent_information_in_bits():
+    model = model_with(VAEPrompts(P, 2, D, L, 8, latent_dim=4))
+    with torch.no_grad():
+        model.generator.to_latent.bias[:4] = 1.0                             # μ = 1 on 4 dims, σ = 1: KL = 2 nats
+        model.generator.to_latent.weight.zero_()
+    r = probe.latent_information(model, batches(), torch.device("cpu"))
+    assert r["kl_nats"] == pytest.approx(2.0) and r["kl_bits"] == pytest.approx(2.0 / math.log(2))
+    assert not r["collapsed"]
+    with torch.no_grad():
+        model.generator.to_latent.bias[:4] = 0.5                             # KL = 4 · 0.125 = 0.5 nats < ln 2
+    assert probe.latent_information(model, batches(), torch.device("cpu"))["collapsed"]
+    assert probe.latent_information(model_with(DeepPrompts(P, D, L, 8)), batches(), torch.device("cpu")) is None
+
+
+def test_inserted_scale_names_the_parts_and_they_add_up():
+    x = batches(1)[0][0]
+    v2 = model_with(VAEPrompts(P, 2, D, L, 8, latent_dim=4))
+    scale = probe.inserted_scale(v2, x)
+    assert set(scale) == {"prompts", "instance", "instance base", "instance image part", "domain"}
+    assert all(len(v) == L and all(t > 0 for t in v) for v in scale.values())
+    inst = v2.generator._inst[:, 1]
+    torch.testing.assert_close(v2.generator.parts(1, None, None)["instance base"] +
+                               v2.generator.parts(1, None, None)["instance image part"], inst)
+    gen = ViaPTPrompts(P, D, L, 8, grid=4, pca_dim=8, instance=False)
+    viapt = model_with(gen).train()
+    viapt(x)                                                                 # running statistics
+    viapt.eval()
+    scale = probe.inserted_scale(viapt, x)
+    assert {"prompts", "dataset", "mean", "kept history", "learnt"} == set(scale)
+    assert math.isnan(scale["mean"][0]) and not math.isnan(scale["mean"][1])  # block 0 has no history
+    seen = {}
+    original = gen.forward
+    gen.forward = lambda i, t, p, a: seen.setdefault(i, (original(i, t, p, a), gen.parts(i, t, p)))[0]
+    viapt(x)
+    del gen.forward
+    out, parts = seen[2]
+    torch.testing.assert_close(parts["mean"] + parts["kept history"] + parts["learnt"], out)
+
+
+def test_loss_balance_weights_every_term():
+    rows = [{"epoch": 1, "ce": 2.0, "kl": 3.0, "loss": 2.03}, {"epoch": 2, "ce": 1.0, "kl": 5.0, "loss": 1.05}]
+    assert probe.loss_balance(rows, {"kl": 0.01}) == [
+        {"epoch": 1, "ce": 2.0, "kl": 3.0, "kl_weighted": 0.03}, {"epoch": 2, "ce": 1.0, "kl": 5.0, "kl_weighted": 0.05}]
+
+
+def test_every_run_reports_the_swap_test_and_the_latent_in_summary_json(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from vapt_min import train as T
+    for split, n in (("train", 12), ("test", 2)):
+        for c in ("ant", "bee"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (20 * i, 100 if c == "ant" else 200, 30)).save(tmp_path / "imgs" / split / c / f"{i}.png")
+    args = ["--dataset", f"folder:{tmp_path / 'imgs'}", "--weights", "random", "--img-size", "32", "--n-train", "12",
+            "--n-val", "8", "--batch-size", "4", "--epochs", "1", "--no-progress"]
+    s = T.train(T.config_from_args([*args, "--method", "v2apt", "--out", str(tmp_path / "v2")]))
+    assert json.loads((tmp_path / "v2" / "summary.json").read_text())["probe"] == s["probe"]
+    assert s["probe"]["swap"]["images"] == 8 and 0 <= s["probe"]["swap"]["changed_swapped"] <= 1
+    assert s["probe"]["latent"]["kl_bits"] == pytest.approx(s["probe"]["latent"]["kl_nats"] / math.log(2))
+    s = T.train(T.config_from_args([*args, "--method", "vpt-deep", "--out", str(tmp_path / "deep")]))
+    assert s["probe"]["swap"]["changed_swapped"] == 0 and "latent" not in s["probe"]
+    assert T.train(T.config_from_args([*args, "--method", "linear", "--out", str(tmp_path / "lin")]))["probe"] == {}
+
+
+def test_davpt_diagnostics_read_the_guided_block():
+    from vapt_min.metric_guidance import MetricGuidedPrompts
+    vit = tiny_vit()
+    model = PromptedViT(vit, C, MetricGuidedPrompts(P, D, L, 8, vit.blocks, C)).eval()
+    d = model.generator.diagnostics(model, torch.randn(6, 3, 32, 32))
+    assert set(d) == {"query cos, CLS vs CLS", "query cos, CLS vs proxies", "raw cos, CLS vs CLS",
+                      "raw cos, CLS vs proxies", "patch attention to prompts"}
+    assert all(-1 <= v <= 1 for k, v in d.items() if "cos" in k) and 0 < d["patch attention to prompts"] < 1
+    maps = model.attention_maps(torch.randn(6, 3, 32, 32))
+    assert maps[-1].shape[-1] == 1 + P + 16                                  # the share read rows 1+P.. and columns 1..P
