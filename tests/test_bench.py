@@ -158,3 +158,15 @@ def test_results_md_rows_reproduce(real, tmp_path):
         assert got == want, row["command"]
     else:
         assert all(abs(g - w) <= 0.01 for g, w in zip(got, want)), (got, want, torch.__version__, grid_torch)
+
+
+def test_grid_rows_of_your_own(capsys, tmp_path):
+    main(["accuracy", "--entry", "viapt, dropout on all: --method viapt --prompt-dropout-on all", "--entry",
+          "vapt lr 3e-4: --method vapt --lr 3e-4", "--tasks", "cifar10-1k", "--seeds", "0", "1", "--extra",
+          "--test-cap 2000", "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"), "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("accuracy grid: 2 entries, 1 tasks, seeds 0, 1: 4 runs")
+    assert lines[1:] == [f"  {label} | cifar10-1k | seed {s}" for s in (0, 1)
+                         for label in ("viapt, dropout on all", "vapt lr 3e-4")]
+    with pytest.raises(SystemExit):
+        main(["accuracy", "--entry", "no options", "--dry-run"])

@@ -282,7 +282,10 @@ def main(argv=None):
         a = grid.GridConfig(**given)
         if a.workers < 1 or a.threads < 1:
             p.error("--workers and --threads must be >= 1")
-        grid.main(a, argv)
+        try:
+            grid.main(a, argv)
+        except ValueError as e:
+            p.error(str(e))
     elif kind == "probe":
         a = ProbeConfig(**given)
         probe_runs(a.runs, a.batch_size, a.which)

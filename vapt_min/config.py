@@ -183,6 +183,8 @@ def parser_for(cls, parser: argparse.ArgumentParser | None = None, **kw) -> argp
             continue
         conv = parse_value(kind[5:-1] if many else kind)
         more.update(type=conv, choices=meta.get("choices"), nargs="+" if many else None)
+        if many:
+            more["action"] = "extend"                   # given twice, the values add up: --entry A --entry B
         if meta.get("positional"):
             p.add_argument(f.name, type=conv, nargs="+" if many else None, help=meta["help"])
         else:

@@ -228,6 +228,9 @@ class GridConfig:
     runs: str | None = opt(None, "run folders (default: runs/bench-<preset>)")
     workers: int = opt(2, "runs at a time")
     threads: int = opt(1, "torch threads per run (part of what makes a row reproducible)")
+    entry: list[str] = opt([], "rows of your own, each 'LABEL: TRAIN OPTIONS' (e.g. 'viapt, dropout on all: --method "
+                               "viapt --prompt-dropout-on all'); with them, --methods defaults to none")
+    extra: list[str] = opt([], "train options added to every run, as one string (e.g. '--test-cap 2000')")
     dry_run: bool = opt(False, "list the runs and exit")
     report: bool = opt(False, "only rewrite results.md and the plot from results.csv")
 
@@ -237,13 +240,20 @@ def main(a: GridConfig, argv: list[str]):
     if a.report:
         print(report(out, a.tasks))
         return
-    entries = {m: {**ENTRIES, **ABLATION}[m] for m in a.methods}
+    methods = [] if a.entry and "--methods" not in argv else a.methods
+    entries = {m: {**ENTRIES, **ABLATION}[m] for m in methods}
+    for spec in a.entry:
+        label, sep, options = spec.partition(":")
+        if not sep or not label.strip() or not options.split():
+            raise ValueError(f"--entry {spec!r}: use 'LABEL: TRAIN OPTIONS', e.g. 'vapt lr 3e-4: --method vapt --lr 3e-4'")
+        entries[label.strip()] = shlex.split(options)
     if a.ablation:
         entries.update(ABLATION)
     # --ablation adds lesson 07's rows on CIFAR-10-1k and the ablation seeds; one named in --methods runs everywhere
     only = {label: {"tasks": ["cifar10-1k"], "seeds": a.ablation_seeds} for label in ABLATION if label not in a.methods}
     accuracy(entries, {t: TASKS[t] for t in a.tasks}, a.seeds, a.preset, out, a.runs, a.workers, a.threads,
-             dry_run=a.dry_run, only=only, command=shlex.join(["python", "-m", "vapt_min.bench", *argv]))
+             extra=[o for e in a.extra for o in shlex.split(e)], dry_run=a.dry_run, only=only,
+             command=shlex.join(["python", "-m", "vapt_min.bench", *argv]))
 
 
 def add_parser(sub) -> None:
