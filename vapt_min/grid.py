@@ -245,7 +245,8 @@ def main(a: GridConfig, argv: list[str]):
     for spec in a.entry:
         label, sep, options = spec.partition(":")
         if not sep or not label.strip() or not options.split():
-            raise ValueError(f"--entry {spec!r}: use 'LABEL: TRAIN OPTIONS', e.g. 'vapt lr 3e-4: --method vapt --lr 3e-4'")
+            raise ValueError(f"--entry {spec!r}: use 'LABEL: TRAIN OPTIONS', e.g. 'vapt lr 3e-4: --method vapt "
+                             "--lr 3e-4'")
         entries[label.strip()] = shlex.split(options)
     if a.ablation:
         entries.update(ABLATION)
