@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import block_inputs, tiny_vit
-from vapt_min.prompts import DeepPrompts, PromptedViT, ShallowPrompts, prompt_init_bound
+from vapt_min.prompts import DeepPrompts, PromptedViT, PromptGenerator, ShallowPrompts, prompt_init_bound
 
 P, D, L = 4, 48, 3
 
@@ -121,3 +121,45 @@ def test_bad_input():
         PromptedViT(tiny_vit(), 0)
     with pytest.raises(ValueError, match="full fine-tuning"):
         PromptedViT(tiny_vit(), 5, ShallowPrompts(P, D, 8), train_backbone=True)
+
+
+def returned_and_entered(model, x):
+    """Per block: the prompts the generator returned, and the prompt slots of the sequence that entered the block."""
+    returned, original = {}, model.generator.forward
+    model.generator.forward = lambda i, t, p, a: returned.setdefault(i, original(i, t, p, a))
+    entered = block_inputs(model, x)
+    del model.generator.forward
+    P = next(v for v in returned.values() if v is not None).shape[1]
+    return returned, [e[:, 1:1 + P] for e in entered]
+
+
+@pytest.mark.parametrize("dropout_on", ["learnable", "all"])
+def test_prompt_dropout_acts_on_learnable_prompts_only(dropout_on):
+    """As the official VPT and VAPT codes: VAPT's generated prompts and ViaPT's carried history enter their blocks as
+    the generator made them; the learnable prompt tensors are dropped. dropout_on="all" (the earlier rule) drops all."""
+    from vapt_min.adaptive_prompt import AdaptivePrompts
+    from vapt_min.pca_fusion import ViaPTPrompts
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    vapt = PromptedViT(tiny_vit(), 5, AdaptivePrompts(P, D, L, 8, grid=4), prompt_dropout=0.9, dropout_on=dropout_on)
+    for layer in vapt.generator.layers:
+        torch.nn.init.normal_(layer.token_map.weight)
+    returned, entered = returned_and_entered(vapt.train(), x)
+    assert (entered[0] == 0).float().mean() > 0.5                       # block 0: learnable static prompts, dropped
+    generated_kept = all(torch.equal(entered[i], returned[i]) for i in range(1, L))
+    assert generated_kept == (dropout_on == "learnable")
+    gen = ViaPTPrompts(P, D, L, 8, grid=4, pca_dim=4, instance=False)
+    viapt = PromptedViT(tiny_vit(), 5, gen, prompt_dropout=0.9, dropout_on=dropout_on).train()
+    viapt(x)                                                            # running statistics
+    seen = []
+    gen.drop = lambda t: seen.append(t) or PromptGenerator.drop(gen, t)
+    returned, entered = returned_and_entered(viapt, x)
+    del gen.drop
+    learnt = [gen.new[i - 1] @ gen.pcas[i - 1].basis[:, 4:].T for i in range(1, L)]
+    assert all(torch.equal(s, l.expand_as(s)) for s, l in zip(seen[1:], learnt))  # only W_i C_mᵀ passes through drop
+    assert all(torch.equal(entered[i], returned[i]) for i in range(1, L)) == (dropout_on == "learnable")
+
+
+def test_unknown_dropout_rule_is_named():
+    with pytest.raises(ValueError, match="--prompt-dropout-on: unknown 'some'"):
+        PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8), dropout_on="some")

@@ -109,8 +109,9 @@ class AdaptivePrompts(PromptGenerator):
 
     def forward(self, i, tokens, prompts, aux):
         if i == 0:
-            return self.prompts.expand(tokens.shape[0], -1, -1)  # (B, P, D)
-        # tokens entering block i are block i-1's CLS and patch outputs; its prompt outputs are dropped
+            return self.drop(self.prompts.expand(tokens.shape[0], -1, -1))  # (B, P, D): learnable, dropout
+        # tokens entering block i are block i-1's CLS and patch outputs; its prompt outputs are dropped. Generated
+        # prompts get no prompt dropout (the official code): the kernel's Dropout2d and the projector's are theirs
         return self.projector(self.layers[i - 1](tokens[:, 1:]))  # (B, P, D)
 
 

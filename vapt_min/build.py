@@ -86,7 +86,7 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
                                guide=dict(blocks=vit.blocks, num_classes=num_classes, **guide) if cfg.guide else None)
     else:
         raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    model = PromptedViT(vit, num_classes, gen, prompt_dropout=cfg.prompt_dropout)
+    model = PromptedViT(vit, num_classes, gen, prompt_dropout=cfg.prompt_dropout, dropout_on=cfg.prompt_dropout_on)
     if cfg.method == "davpt+" or (cfg.method == "full-v2apt" and cfg.kv_bias):
         enable_bias_tuning(vit, extended=cfg.bias_extended)  # after PromptedViT, which freezes the whole backbone
     return model

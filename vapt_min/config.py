@@ -83,6 +83,9 @@ class Config:
     aux_warmup_epochs: float = opt(0.0, "ramp every auxiliary loss weight (e.g. v2apt's KL) linearly from 0 over this "
                                         "many epochs")
     prompt_dropout: float = opt(0.1, "dropout on the prompt tokens")
+    prompt_dropout_on: str = opt("learnable", "learnable: on learnable prompt tensors only, as the official VPT and "
+                                              "VAPT codes (never on generated or carried prompts); all: every prompt "
+                                              "entering a block (this package before 2026-11-25)")
     epochs: int = opt(20, "training epochs")
     batch_size: int = opt(32, "batch size (the global batch under torchrun: split over the processes)")
     optimizer: str = opt("adamw", "adamw (V²APT's recipe) or sgd (VPT's, momentum 0.9)")
@@ -119,6 +122,7 @@ class Config:
         choose("optimizer", ("adamw", "sgd"))
         choose("precision", ("auto", "bf16", "fp32"))
         choose("attention", ("auto", "sdpa", "explicit"))
+        choose("prompt_dropout_on", ("learnable", "all"))
         check_protocol(self.protocol, self.n_train, self.n_val, self.shots, self.percent, self.test_cap)
         check_input_size(self.img_size, parse_name(self.model)["patch_size"])
         for name in ("epochs", "batch_size"):

@@ -21,8 +21,9 @@ Our choices where no paper composes these parts (lesson 07 says so too):
   the proxies are the first G domain prompts. With pca on, the domain prompts depend on the image through the history,
   so the proxies are their mean over the batch (with pca off the prompts are the same for every image and we take them
   as they are, which is what DA-VPT does). The attention anchors see every prompt entering the guided block.
-- With vae on and pca at m = d (carry), the carried domain outputs pass the prompt dropout again with the new
-  instance prompts; without the VAE the generator returns None (the loop's carry) and VPT-Shallow stays exact.
+- Prompt dropout acts on each part's learnable prompt tensors (the domain prompts; ViaPT's learnt part), never on
+  the VAE's generated prompts nor on carried domain outputs (m = d), as in prompts.PromptGenerator.drop. Without the
+  VAE at m = d the generator returns None (the loop's carry) and VPT-Shallow stays exact.
 
 Shapes: B batch, N patches, P prompts (P_inst + P_dom), D width, L layers, G guided prompts.
 """
@@ -94,8 +95,9 @@ class FullV2APTPrompts(PromptGenerator):
 
     def forward(self, i, tokens, prompts, aux):
         previous = None if prompts is None else prompts[:, self.n_inst:]  # block i−1's domain outputs: (B, P_dom, D)
-        dom = self.domain(i, tokens, previous, aux)                     # (B, P_dom, D), or None: carry (m = d)
+        # the VAE first: it samples z before the domain prompts draw their dropout masks, the order V²APT has
         inst = self.vae(i, tokens, prompts, aux) if self.vae is not None else None  # (B, P_inst, D)
+        dom = self.domain(i, tokens, previous, aux)                     # (B, P_dom, D), or None: carry (m = d)
         if self.guidance is not None:
             self.guidance.targets = self.targets
             if self.guidance.guiding(i):

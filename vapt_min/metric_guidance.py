@@ -295,10 +295,10 @@ class MetricGuidedPrompts(PromptGenerator):
         return {"map_changes": changes, "map_time_s": time.time() - t}
 
     def forward(self, i, tokens, prompts, aux):
-        B = tokens.shape[0]
-        if self.guiding(i):
-            self.guide(i, tokens, aux, self.prompts[i].expand(B, -1, -1), self.prompts[i, :self.map.num_proxies])
-        return self.prompts[i].expand(B, -1, -1)                        # (B, P, D): VPT-Deep
+        prompts = self.drop(self.prompts[i].expand(tokens.shape[0], -1, -1))  # (B, P, D): VPT-Deep
+        if self.guiding(i):  # the anchors see the prompts the block sees; the proxies are the prompt parameters
+            self.guide(i, tokens, aux, prompts, self.prompts[i, :self.map.num_proxies])
+        return prompts
 
     @torch.no_grad()
     def diagnostics(self, model, x, first: int = 0) -> dict:
@@ -342,8 +342,8 @@ class MetricGuidedPrompts(PromptGenerator):
         if self.loss_weights["mg_visual"] > 0:
             if self.anchor == "attn":
                 P = prompts.shape[1]
-                # §3.3: block i's attention output, recomputed here (the loop runs the block after us; its prompts
-                # have been through prompt dropout, ours not: a train-time-only difference), patch positions only.
+                # §3.3: block i's attention output at the patch positions, recomputed here (the loop runs the block
+                # after us) on the prompts the block gets (under dropout_on="all" those pass dropout after us).
                 seq = torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], 1)
                 anchors = blk.attn(blk.norm1(seq))[:, 1 + P:].mean(1)   # (B, 1+P+N, D) → (B, D)
             else:

@@ -188,7 +188,7 @@ class ViaPTPrompts(PromptGenerator):
     def forward(self, i, tokens, prompts, aux):
         B = tokens.shape[0]
         if i == 0:
-            p0 = self.prompts.expand(B, -1, -1)                       # P^data: (B, P, D)
+            p0 = self.drop(self.prompts.expand(B, -1, -1))            # P^data: (B, P, D), learnable: dropout
             if self.encoder is None:
                 return p0
             inst = self.sample(*self.encoder(tokens[:, 1:]))          # P^inst: (B, P, D)
@@ -199,11 +199,12 @@ class ViaPTPrompts(PromptGenerator):
         if self.m == self.dim:
             return None                                               # V_d V_dᵀ = I: carry Z on (VPT-Shallow)
         if self.m == 0:
-            return self.new[i - 1].expand(B, -1, -1)                  # all new: VPT-Deep
+            return self.drop(self.new[i - 1].expand(B, -1, -1))       # all new: VPT-Deep
         pca = self.pcas[i - 1]
         if self.training:
             self.carry(i - 1, pca.update(prompts.detach()))
-        return sum(self.history(i, prompts))                          # z̄ + (Z − z̄) V_m V_mᵀ + W_i C_mᵀ: (B, P, D)
+        mean, kept, learnt = self.history(i, prompts)
+        return mean + kept + self.drop(learnt.expand_as(kept))        # z̄ + (Z − z̄) V_m V_mᵀ + W_i C_mᵀ: (B, P, D)
 
     def history(self, i: int, prompts):
         """Block i ≥ 1 at 0 < m < d: the running mean z̄, the kept part (Z − z̄) V_m V_mᵀ, the learnt part W_i C_mᵀ."""

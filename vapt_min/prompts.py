@@ -6,7 +6,10 @@ Jia et al., "Visual Prompt Tuning", ECCV 2022, arXiv:2203.12119.
     y = Head(LN(x_L))
 Semantics of the reference code (KMnP/vpt): prompts sit after CLS and before the patches, carry no position
 embedding, are initialised uniform in ±√(6 / (3·p² + D)), pass through one dropout, and the frozen backbone stays
-in eval mode while the prompts train.
+in eval mode while the prompts train. Prompt dropout acts on learnable prompt tensors only, as in the official VPT and
+VAPT codes: never on prompts a generator computes from the image or carries over from the previous block
+(`PromptGenerator.drop`). `dropout_on="all"` is this package's earlier rule (every prompt entering a block), kept to
+reproduce earlier runs.
 
 Every method in this package is a prompt generator: a `PromptGenerator` (below), whose docstring is the contract
 the loop, the evaluation, the benchmarks and the lessons rely on.
@@ -61,6 +64,7 @@ class PromptGenerator(nn.Module):
     samples = False
     eval_samples = 1
     targets = None
+    _dropout = None                                 # PromptedViT's prompt dropout (a plain reference, not a submodule)
 
     def __init__(self):
         super().__init__()
@@ -74,6 +78,11 @@ class PromptGenerator(nn.Module):
 
     def diagnostics(self, model, x) -> dict:
         return {}
+
+    def drop(self, prompts):
+        """Prompt dropout, for the learnable prompt tensors a generator returns (its generated or carried prompts
+        never pass through here). The identity outside PromptedViT, and under dropout_on="all"."""
+        return prompts if self._dropout is None else self._dropout(prompts)
 
     def sample(self, mu, logvar):
         """z = μ + σ·ε (the reparameterisation trick) in training and for R-sample inference; z = μ otherwise."""
@@ -106,7 +115,7 @@ class ShallowPrompts(PromptGenerator):
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))  # (1, P, D)
 
     def forward(self, i, tokens, prompts, aux):
-        return self.prompts.expand(tokens.shape[0], -1, -1) if i == 0 else None  # (B, P, D) or carry
+        return self.drop(self.prompts.expand(tokens.shape[0], -1, -1)) if i == 0 else None  # (B, P, D) or carry
 
 
 class DeepPrompts(PromptGenerator):
@@ -119,7 +128,7 @@ class DeepPrompts(PromptGenerator):
         self.prompts = nn.Parameter(torch.empty(depth, num_prompts, dim).uniform_(-bound, bound))  # (L, P, D)
 
     def forward(self, i, tokens, prompts, aux):
-        return self.prompts[i].expand(tokens.shape[0], -1, -1)  # (B, P, D)
+        return self.drop(self.prompts[i].expand(tokens.shape[0], -1, -1))  # (B, P, D)
 
 
 class PromptedViT(nn.Module):
@@ -132,7 +141,7 @@ class PromptedViT(nn.Module):
     """
 
     def __init__(self, vit: ViT, num_classes: int, generator: nn.Module | None = None,
-                 prompt_dropout: float = 0.0, train_backbone: bool = False):
+                 prompt_dropout: float = 0.0, train_backbone: bool = False, dropout_on: str = "learnable"):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -144,8 +153,13 @@ class PromptedViT(nn.Module):
         self.train_backbone = train_backbone
         for p in self.vit.parameters():
             p.requires_grad_(train_backbone)
-        self.generator = generator
+        if dropout_on not in ("learnable", "all"):
+            raise ValueError(f"--prompt-dropout-on: unknown {dropout_on!r}: use learnable (the official codes) or all")
+        self.generator, self.dropout_on = generator, dropout_on
         self.prompt_dropout = nn.Dropout(prompt_dropout)
+        for part in (generator.modules() if generator is not None and dropout_on == "learnable" else ()):
+            if isinstance(part, PromptGenerator):   # every part of a composed generator drops its own prompts
+                object.__setattr__(part, "_dropout", self.prompt_dropout)
         self.head = nn.Linear(vit.dim, num_classes)
         nn.init.zeros_(self.head.weight)  # start at loss = ln(classes): timm does so only in its JAX-style init
         nn.init.zeros_(self.head.bias)
@@ -166,7 +180,7 @@ class PromptedViT(nn.Module):
         for i, block in enumerate(self.vit.blocks):
             new = self.generator(i, tokens, prompts, aux) if self.generator is not None else None
             if new is not None:                             # VPT Eq. (7): fresh prompts replace the previous outputs
-                prompts = self.prompt_dropout(new)          # (B, P, D); no position embedding
+                prompts = self.prompt_dropout(new) if self.dropout_on == "all" else new  # (B, P, D); no pos. embedding
             P = 0 if prompts is None else prompts.shape[1]
             seq = tokens if P == 0 else torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)  # (B, 1+P+N, D)
             seq = block(seq, attn_out)

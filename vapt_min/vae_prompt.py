@@ -95,7 +95,8 @@ class VAEPrompts(PromptGenerator):
         inst = self._inst[:, i]                                                 # (B, P_inst, D)
         if self.domain is None:
             return inst
-        return torch.cat([inst, self.domain[i].expand(B, -1, -1)], dim=1)       # P̂_i: (B, P, D)
+        # P̂_i: (B, P, D). The domain prompts are learnable tensors (prompt dropout); the instance ones generated
+        return torch.cat([inst, self.drop(self.domain[i].expand(B, -1, -1))], dim=1)
 
     def parts(self, i, tokens, prompts) -> dict:
         """For the diagnostics: the instance prompts, their base B_i and the image-dependent rest, the domain
