@@ -49,7 +49,8 @@ def test_train_imports_no_method_module():
 
 
 @pytest.mark.parametrize("cls,fields", [
-    (VAEPrompts, {"latent_dim": "latent_dim", "beta": "beta", "eval_samples": "eval_samples"}),
+    (VAEPrompts, {"latent_dim": "latent_dim", "beta": "beta", "eval_samples": "eval_samples", "encode_at": "encode_at",
+                  "film_init": "film_init", "logvar_init": "logvar_init"}),
     (ViaPTPrompts, {"instance": "viapt_instance", "inst_pca_dim": "inst_pca_dim", "refresh": "pca_refresh"}),
     (AdaptivePrompts, {"kernel": "vapt_kernel", "hidden": "vapt_hidden", "dropout": "vapt_dropout"}),
     (MetricGuidedPrompts, {"lambda_visual": "mg_visual", "lambda_cls": "mg_cls", "alpha": "mg_alpha",

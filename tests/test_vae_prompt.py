@@ -123,3 +123,32 @@ def test_bad_input(kw, message):
     args = dict(num_prompts=10, inst_prompts=5, dim=D, depth=L, patch_size=8) | kw
     with pytest.raises(ValueError, match=message):
         VAEPrompts(**args)
+
+
+def test_levers_that_open_the_instance_path():
+    """film_init="zero": the instance prompts start as their bases for every z; logvar_init sets σ at the start;
+    encode_at=j: the encoder reads the patch tokens entering block j, blocks before j get the prompts of z = 0."""
+    x = torch.randn(3, 3, 32, 32)
+    zero = v2apt(film_init="zero").eval()
+    gen = zero.generator
+    torch.testing.assert_close(gen.decode(torch.randn(3, K)), gen.base.expand(3, -1, -1, -1), rtol=0, atol=0)
+    small_sigma = v2apt(logvar_init=-4.0).generator
+    assert torch.equal(small_sigma.to_latent.bias[K:], torch.full((K,), -4.0))
+    _, logvar = small_sigma.encode(torch.randn(3, 16, D))
+    assert abs((0.5 * logvar).exp().mean().item() - 0.1353) < 0.02          # σ ≈ e^-2, give or take the small weights
+    deep = v2apt(encode_at=2).eval()
+    seen = []
+    hook = deep.vit.blocks[2].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    logits, aux = deep(x)
+    hook.remove()
+    inputs = block_inputs(deep, x)
+    g = deep.generator
+    mu, logvar = g.encode(torch.cat([seen[0][:, :1], seen[0][:, 1 + P:]], 1)[:, 1:])  # the patches entering block 2
+    torch.testing.assert_close(aux["kl"], kl_standard_normal(mu, logvar))
+    torch.testing.assert_close(inputs[2][:, 1:1 + P_INST], g.decode(mu)[:, 2])
+    for i in (0, 1):
+        torch.testing.assert_close(inputs[i][:, 1:1 + P_INST], g.decode(torch.zeros(3, K))[:, i])
+    with pytest.raises(ValueError, match="--encode-at: encode_at must be a block index in \\[0, 2\\], got 3"):
+        v2apt(encode_at=3)
+    with pytest.raises(ValueError, match="--film-init"):
+        v2apt(film_init="large")

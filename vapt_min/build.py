@@ -64,13 +64,14 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
                  lambda_cls=cfg.mg_cls, alpha=cfg.mg_alpha, delta=cfg.mg_delta, normalise=cfg.mg_normalise,
                  anchor=cfg.mg_anchor, seed=cfg.seed) if guided else {}
     P = cfg.num_prompts
+    vae = dict(latent_dim=cfg.latent_dim, beta=cfg.beta, eval_samples=cfg.eval_samples, encode_at=cfg.encode_at,
+               film_init=cfg.film_init, logvar_init=cfg.logvar_init)
     if cfg.method == "vpt-shallow":
         gen = ShallowPrompts(P, D, p)
     elif cfg.method == "vpt-deep":
         gen = DeepPrompts(P, D, L, p)
     elif cfg.method == "v2apt":
-        gen = VAEPrompts(P, cfg.inst_prompts, D, L, p, latent_dim=cfg.latent_dim, beta=cfg.beta,
-                         eval_samples=cfg.eval_samples)
+        gen = VAEPrompts(P, cfg.inst_prompts, D, L, p, **vae)
     elif cfg.method == "viapt":
         gen = ViaPTPrompts(P, D, L, p, grid=grid, pca_dim=cfg.pca_dim, instance=cfg.viapt_instance,
                            inst_pca_dim=cfg.inst_pca_dim, eval_samples=cfg.eval_samples, refresh=cfg.pca_refresh)
@@ -80,8 +81,7 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
     elif cfg.method in ("davpt", "davpt+"):
         gen = MetricGuidedPrompts(P, D, L, p, vit.blocks, num_classes, **guide)
     elif cfg.method == "full-v2apt":
-        gen = FullV2APTPrompts(P, D, L, p, grid=grid, vae=cfg.vae, inst_prompts=cfg.inst_prompts,
-                               latent_dim=cfg.latent_dim, beta=cfg.beta, eval_samples=cfg.eval_samples,
+        gen = FullV2APTPrompts(P, D, L, p, grid=grid, vae=cfg.vae, inst_prompts=cfg.inst_prompts, vae_options=vae,
                                pca_dim=cfg.pca_dim if cfg.pca else 0, refresh=cfg.pca_refresh,
                                guide=dict(blocks=vit.blocks, num_classes=num_classes, **guide) if cfg.guide else None)
     else:

@@ -50,6 +50,11 @@ class Config:
     latent_dim: int = opt(8, "v2apt: VAE latent size K")
     beta: float = opt(0.01, "v2apt: weight of the KL term, loss = CE + beta * KL")
     eval_samples: int = opt(1, "v2apt, viapt: 1 = inference with z = mu; R > 1 = mean logits of R sampled z")
+    encode_at: int = opt(0, "v2apt: the block whose entering patch tokens the VAE encodes (0: the input embeddings); "
+                            "blocks before it get the prompts of z = 0")
+    film_init: str = opt("small", "v2apt: FiLM decoder weights at the start, small (N(0, 0.02²)) or zero (instance "
+                                  "prompts start as their bases)")
+    logvar_init: float = opt(0.0, "v2apt: log σ² of the posterior at the start (0: σ = 1)")
     # ViaPT (pca_dim and pca_refresh also for the full V²APT's PCA fusion)
     pca_dim: int = opt(32, "viapt: m, the principal directions of the previous prompt outputs kept before every block "
                            "after the first (0 = VPT-Deep, D = VPT-Shallow)")

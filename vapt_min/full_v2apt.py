@@ -43,15 +43,15 @@ class FullV2APTPrompts(PromptGenerator):
     guided_layers, num_guided, lambda_visual, ...) or None. K/V bias tuning is `enable_bias_tuning` on the backbone."""
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid, vae: bool = True,
-                 inst_prompts: int = 5, latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1,
-                 pca_dim: int = 0, refresh: int = 25, guide: dict | None = None):
+                 inst_prompts: int = 5, vae_options: dict | None = None, pca_dim: int = 0, refresh: int = 25,
+                 guide: dict | None = None):
         super().__init__()
         n_inst = inst_prompts if vae else 0
         n_dom = num_prompts - n_inst
         self.n_inst, self.m, self.dim = n_inst, pca_dim, dim
         # Created in the order of the parts, each by the module it comes from, which checks its own options.
-        self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, latent_dim=latent_dim, beta=beta,
-                              eval_samples=eval_samples, with_domain=False) if vae else None
+        self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, **(vae_options or {}),
+                              with_domain=False) if vae else None
         if n_dom < 1:
             raise ValueError(f"no domain prompts left (--inst-prompts {inst_prompts} of --num-prompts {num_prompts}): "
                              "the PCA fusion and the guidance act on the domain prompts; lower --inst-prompts")

@@ -43,7 +43,8 @@ class VAEPrompts(PromptGenerator):
     samples = True                                  # z is drawn: eval_samples = R > 1 averages R draws
 
     def __init__(self, num_prompts: int, inst_prompts: int, dim: int, depth: int, patch_size: int, *,
-                 latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, with_domain: bool = True):
+                 latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, with_domain: bool = True,
+                 encode_at: int = 0, film_init: str = "small", logvar_init: float = 0.0):
         super().__init__()
         if not 1 <= inst_prompts <= num_prompts:
             raise ValueError(f"prompt split does not add up: --inst-prompts {inst_prompts} of --num-prompts "
@@ -54,7 +55,12 @@ class VAEPrompts(PromptGenerator):
             raise ValueError(f"--beta: beta (the KL weight) must be >= 0, got {beta}")
         if eval_samples < 1:
             raise ValueError(f"--eval-samples: eval_samples R must be >= 1 (1 = z = μ), got {eval_samples}")
+        if not 0 <= encode_at < depth:
+            raise ValueError(f"--encode-at: encode_at must be a block index in [0, {depth - 1}], got {encode_at}")
+        if film_init not in ("small", "zero"):
+            raise ValueError(f"--film-init: unknown {film_init!r}: use small or zero")
         self.num_prompts, self.inst_prompts, self.latent_dim = num_prompts, inst_prompts, latent_dim
+        self.encode_at = encode_at
         self.eval_samples = eval_samples
         self.loss_weights = {"kl": beta}            # read by PromptedViT.aux_weights: loss = CE + β·KL
         bound = prompt_init_bound(patch_size, dim)
@@ -71,6 +77,10 @@ class VAEPrompts(PromptGenerator):
         for lin in (self.to_latent, self.film):
             # Small weights: μ ≈ 0 and σ ≈ 1 at the start (KL ≈ 0), and prompts start near their bases.
             nn.init.normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+        with torch.no_grad():
+            if film_init == "zero":             # the instance prompts start as their bases, exactly
+                self.film.weight.zero_()
+            self.to_latent.bias[latent_dim:] = logvar_init                # log σ² at the start: σ = exp(init / 2)
         self._inst = None
 
     def encode(self, x):
@@ -88,7 +98,9 @@ class VAEPrompts(PromptGenerator):
 
     def forward(self, i, tokens, prompts, aux):
         B = tokens.shape[0]
-        if i == 0:  # encode the image once, from the embeddings entering block 0
+        if i == 0 and self.encode_at > 0:   # blocks before the encoder's: the prompts of z = 0, the average image
+            self._inst = self.decode(tokens.new_zeros(B, self.latent_dim))
+        if i == self.encode_at:  # encode the image once, from the patch tokens entering this block
             mu, logvar = self.encode(tokens[:, 1:])
             aux["kl"] = kl_standard_normal(mu, logvar)
             self._inst = self.decode(self.sample(mu, logvar))                   # z = μ + σ·ε: (B, L, P_inst, D)
