@@ -149,3 +149,15 @@ def test_composed_map_equals_the_direct_conv_path():
     assert kept.any() and not kept.all()                                    # 4·48 draws at p = 0.1: both occur
     expected = bias + kept[:, None] * (full - bias) / (1 - layer.drop.p)   # a whole channel kept or dropped
     torch.testing.assert_close(got, expected)
+
+
+def test_official_normal_kernel_is_an_option():
+    torch.manual_seed(0)
+    uni = AdaptivePrompts(P, D, L, 8, grid=4)
+    torch.manual_seed(0)
+    nor = AdaptivePrompts(P, D, L, 8, grid=4, kernel_init="normal")
+    k_uni = torch.stack([l.kernel for l in uni.layers]).detach()
+    k_nor = torch.stack([l.kernel for l in nor.layers]).detach()
+    assert k_uni.abs().max() <= 0.5 and k_nor.abs().max() > 0.5 and 0.6 < k_nor.std() < 1.6   # ±1/k vs N(0, 1)
+    with pytest.raises(ValueError, match="--vapt-kernel-init"):
+        AdaptivePrompts(P, D, L, 8, grid=4, kernel_init="xavier")

@@ -51,10 +51,13 @@ def test_train_imports_no_method_module():
 @pytest.mark.parametrize("cls,fields", [
     (VAEPrompts, {"latent_dim": "latent_dim", "beta": "beta", "eval_samples": "eval_samples", "encode_at": "encode_at",
                   "film_init": "film_init", "logvar_init": "logvar_init"}),
-    (ViaPTPrompts, {"instance": "viapt_instance", "inst_pca_dim": "inst_pca_dim", "refresh": "pca_refresh"}),
-    (AdaptivePrompts, {"kernel": "vapt_kernel", "hidden": "vapt_hidden", "dropout": "vapt_dropout"}),
+    (ViaPTPrompts, {"instance": "viapt_instance", "inst_pca_dim": "inst_pca_dim", "refresh": "pca_refresh",
+                    "history": "viapt_history"}),
+    (AdaptivePrompts, {"kernel": "vapt_kernel", "hidden": "vapt_hidden", "dropout": "vapt_dropout",
+                       "kernel_init": "vapt_kernel_init"}),
     (MetricGuidedPrompts, {"lambda_visual": "mg_visual", "lambda_cls": "mg_cls", "alpha": "mg_alpha",
-                           "delta": "mg_delta", "normalise": "mg_normalise", "anchor": "mg_anchor"}),
+                           "delta": "mg_delta", "normalise": "mg_normalise", "anchor": "mg_anchor",
+                           "space": "mg_space"}),
 ])
 def test_config_defaults_are_the_constructors(cls, fields):
     """The one duplication left on purpose (a default in Config for the CLI, one in the constructor for the lessons):

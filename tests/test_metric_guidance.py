@@ -333,3 +333,17 @@ def test_state_dict_keys_still_timm():
     PromptedViT(ours, 3)
     enable_bias_tuning(ours)
     assert {k for k in ours.state_dict() if "kv_bias" in k} == {"blocks.0.attn.kv_bias", "blocks.1.attn.kv_bias"}
+
+
+def test_raw_space_compares_the_tokens_themselves():
+    """space="raw" (the official code): the proxies are the guided prompt parameters, the CLS anchor the CLS token."""
+    model, gen = guided_model(guided_layers=(2,), space="raw")
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    seq = block_inputs(model.train(), x)[2]
+    _, aux = model(x, y)
+    blk, proxies = model.vit.blocks[2], gen.prompts[2, :gen.map.num_proxies]
+    anchors = blk.attn(blk.norm1(seq))[:, 1 + P:].mean(1)
+    torch.testing.assert_close(aux["mg_visual"], proxy_anchor_loss(anchors, gen.map(y), proxies))
+    torch.testing.assert_close(aux["mg_cls"], proxy_anchor_loss(seq[:, 0], gen.map(y), proxies))
+    with pytest.raises(ValueError, match="--mg-space"):
+        guided_model(space="keys")

@@ -276,3 +276,21 @@ def test_history_is_pca_reconstruction_with_the_mean(m):
     ref = torch.from_numpy(sk.inverse_transform(sk.transform(Z.reshape(-1, D).double().numpy()))).float()
     torch.testing.assert_close(got.reshape(-1, D), ref, atol=1e-3, rtol=1e-3)
     assert (got.mean((0, 1)) - 2.0).abs().mean() < 0.2               # the offset survives, whatever m
+
+
+def test_centred_history_is_the_kept_part_alone():
+    """history="centred": (Z − z̄) V_m V_mᵀ + W_i C_mᵀ, no running mean added back (the summary's literal reading)."""
+    x = torch.randn(4, 3, 32, 32)
+    a, b = viapt(8, instance=False), viapt(8, instance=False, history="centred")
+    for g in (a, b):
+        model = build(g).train()
+        model(x)                                                            # the same running statistics
+        model.eval()
+    Z = torch.randn(2, P, D)
+    mean_a, kept_a, learnt_a = a.history(1, Z)
+    mean_b, kept_b, learnt_b = b.history(1, Z)
+    torch.testing.assert_close(mean_a, a.pcas[0].mean.expand_as(Z))
+    assert torch.equal(mean_b, torch.zeros_like(Z)) and torch.equal(kept_a, kept_b) and torch.equal(learnt_a, learnt_b)
+    torch.testing.assert_close(b(1, torch.randn(2, 1 + 16, D), Z, {}), kept_b + learnt_b)
+    with pytest.raises(ValueError, match="--viapt-history"):
+        viapt(8, history="none")

@@ -42,7 +42,8 @@ class FeatureProjector(nn.Module):
 class AdaptiveLayer(nn.Module):
     """One layer's generator: LayerNorm, a shared-channel k×k conv on the patch grid, the token-wise map to P."""
 
-    def __init__(self, num_prompts: int, dim: int, grid: tuple[int, int], kernel: int, dropout: float = 0.1):
+    def __init__(self, num_prompts: int, dim: int, grid: tuple[int, int], kernel: int, dropout: float = 0.1,
+                 kernel_init: str = "uniform"):
         super().__init__()
         self.grid = grid
         self.norm = nn.LayerNorm(dim)
@@ -52,6 +53,8 @@ class AdaptiveLayer(nn.Module):
         # uniform ±1/k to 77.6 %; lesson 06's 10-shot run fell below 30 % with N(0, 1). So we keep the smaller init.
         bound = 1.0 / kernel
         self.kernel = nn.Parameter(torch.empty(1, 1, kernel, kernel).uniform_(-bound, bound))  # (1, 1, k, k)
+        if kernel_init == "normal":                           # the official code's torch.randn (kept as an option)
+            nn.init.normal_(self.kernel)
         self.drop = nn.Dropout2d(dropout)
         cells = (grid[0] - kernel + 1) * (grid[1] - kernel + 1)  # no padding, stride 1
         self.token_map = nn.Linear(cells, num_prompts)           # over grid cells, shared by the D channels
@@ -89,7 +92,7 @@ class AdaptivePrompts(PromptGenerator):
     """VAPT as a prompt generator: static prompts before block 0, adaptive prompts before every later block."""
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid: tuple[int, int] | int,
-                 kernel: int = 2, hidden: int = 8, dropout: float = 0.1):
+                 kernel: int = 2, hidden: int = 8, dropout: float = 0.1, kernel_init: str = "uniform"):
         super().__init__()
         gh, gw = patch_grid(grid)
         check_prompt_count(num_prompts)
@@ -100,10 +103,13 @@ class AdaptivePrompts(PromptGenerator):
             raise ValueError(f"--vapt-hidden: hidden (the bottleneck width r) must be >= 1, got {hidden}")
         if not 0 <= dropout < 1:
             raise ValueError(f"--vapt-dropout: dropout must be in [0, 1), got {dropout}")
+        if kernel_init not in ("uniform", "normal"):
+            raise ValueError(f"--vapt-kernel-init: unknown {kernel_init!r}: use uniform (±1/k) or normal (the official "
+                             "N(0, 1))")
         self.grid, self.kernel_size = (gh, gw), kernel
         bound = prompt_init_bound(patch_size, dim)
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))  # (1, P, D) for layer 0
-        self.layers = nn.ModuleList(AdaptiveLayer(num_prompts, dim, (gh, gw), kernel, dropout)
+        self.layers = nn.ModuleList(AdaptiveLayer(num_prompts, dim, (gh, gw), kernel, dropout, kernel_init)
                                     for _ in range(depth - 1))
         self.projector = FeatureProjector(dim, hidden, dropout)
 

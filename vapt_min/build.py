@@ -62,7 +62,7 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
     guided = cfg.method in ("davpt", "davpt+") or (cfg.method == "full-v2apt" and cfg.guide)
     guide = dict(guided_layers=guided_blocks(cfg.mg_layers, L), num_guided=cfg.mg_prompts, lambda_visual=cfg.mg_visual,
                  lambda_cls=cfg.mg_cls, alpha=cfg.mg_alpha, delta=cfg.mg_delta, normalise=cfg.mg_normalise,
-                 anchor=cfg.mg_anchor, seed=cfg.seed) if guided else {}
+                 anchor=cfg.mg_anchor, seed=cfg.seed, space=cfg.mg_space) if guided else {}
     P = cfg.num_prompts
     vae = dict(latent_dim=cfg.latent_dim, beta=cfg.beta, eval_samples=cfg.eval_samples, encode_at=cfg.encode_at,
                film_init=cfg.film_init, logvar_init=cfg.logvar_init)
@@ -74,10 +74,11 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
         gen = VAEPrompts(P, cfg.inst_prompts, D, L, p, **vae)
     elif cfg.method == "viapt":
         gen = ViaPTPrompts(P, D, L, p, grid=grid, pca_dim=cfg.pca_dim, instance=cfg.viapt_instance,
-                           inst_pca_dim=cfg.inst_pca_dim, eval_samples=cfg.eval_samples, refresh=cfg.pca_refresh)
+                           inst_pca_dim=cfg.inst_pca_dim, eval_samples=cfg.eval_samples, refresh=cfg.pca_refresh,
+                           history=cfg.viapt_history)
     elif cfg.method == "vapt":
         gen = AdaptivePrompts(P, D, L, p, grid=grid, kernel=cfg.vapt_kernel, hidden=cfg.vapt_hidden,
-                              dropout=cfg.vapt_dropout)
+                              dropout=cfg.vapt_dropout, kernel_init=cfg.vapt_kernel_init)
     elif cfg.method in ("davpt", "davpt+"):
         gen = MetricGuidedPrompts(P, D, L, p, vit.blocks, num_classes, **guide)
     elif cfg.method == "full-v2apt":

@@ -61,10 +61,14 @@ class Config:
     viapt_instance: bool = opt(True, "viapt: the instance branch (encoder, sampled prompts fused into block 0's)")
     inst_pca_dim: int = opt(16, "viapt: principal directions k of the instance prompts kept in the fusion")
     pca_refresh: int = opt(25, "viapt: recompute the running principal directions every this many steps")
+    viapt_history: str = opt("mean", "viapt: the history of blocks after the first, mean (z̄ + (Z − z̄) V_m V_mᵀ) or "
+                                     "centred ((Z − z̄) V_m V_mᵀ: PCA's centred scores, the summary's literal reading)")
     # VAPT
     vapt_kernel: int = opt(2, "vapt: size k of the k×k kernel shared by all channels (no padding)")
     vapt_hidden: int = opt(8, "vapt: bottleneck width r of the shared feature projector D → r → D")
     vapt_dropout: float = opt(0.1, "vapt: Dropout2d after the kernel and dropout in the projector")
+    vapt_kernel_init: str = opt("uniform", "vapt: the shared kernel at the start, uniform (±1/k) or normal (N(0, 1), "
+                                           "the official code)")
     # DA-VPT (and the full V²APT's guidance)
     mg_layers: str = opt("last", "davpt: guided blocks, 'last' or comma-separated 0-based indices, e.g. 9,10,11")
     mg_prompts: int | None = opt(None, "davpt: guided prompts per guided block (G, the proxies; none = all "
@@ -76,6 +80,8 @@ class Config:
     mg_normalise: str = opt("original", "davpt: 'original' (positive term over proxies with positives) or 'all'")
     mg_anchor: str = opt("attn", "davpt: visual anchors, 'attn' (saliency-weighted attention output, §3.3) or 'mean' "
                                  "patch token")
+    mg_space: str = opt("query", "davpt: where proxies meet anchors, query (W_q·LN(t) + b_q of the guided block, §3.2) "
+                                 "or raw (the prompts and tokens themselves, the official code)")
     bias_extended: bool = opt(False, "davpt+: also tune attn.proj, mlp.fc2, norm1 and norm2 biases")
     # the full V²APT's switches
     vae: bool = opt(True, "full-v2apt: VAE instance prompts next to the domain prompts (V²APT; uses --inst-prompts, "

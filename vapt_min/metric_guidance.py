@@ -244,7 +244,7 @@ class MetricGuidedPrompts(PromptGenerator):
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, blocks, num_classes: int, *,
                  guided_layers=None, num_guided: int | None = None, lambda_visual: float = 0.1,
                  lambda_cls: float = 0.1, alpha: float = 32.0, delta: float = 0.1, normalise: str = "original",
-                 anchor: str = "attn", seed: int = 0, own_prompts: bool = True):
+                 anchor: str = "attn", seed: int = 0, own_prompts: bool = True, space: str = "query"):
         super().__init__()
         guided_layers = tuple(sorted(set((depth - 1,) if guided_layers is None else guided_layers)))
         num_guided = num_prompts if num_guided is None else num_guided
@@ -263,6 +263,10 @@ class MetricGuidedPrompts(PromptGenerator):
         check_normalise(normalise)
         if anchor not in ("attn", "mean"):
             raise ValueError(f"--mg-anchor: unknown anchor {anchor!r}: use attn or mean")
+        if space not in ("query", "raw"):
+            raise ValueError(f"--mg-space: unknown space {space!r}: use query (W_q·LN(t) + b_q, §3.2) or raw (the "
+                             "tokens themselves, the official code)")
+        self.space = space
         bound = prompt_init_bound(patch_size, dim)
         # own_prompts=False: the guidance alone, for prompts made elsewhere (the full V²APT): call guide(...) with them.
         self.prompts = nn.Parameter(torch.empty(depth, num_prompts, dim).uniform_(-bound, bound)) \
@@ -337,7 +341,9 @@ class MetricGuidedPrompts(PromptGenerator):
         blk, D = self.blocks[i], tokens.shape[-1]
         y = self.map(self.targets)                                      # (B,) guided prompt ids: the loss's classes
         W_q, b_q = blk.attn.qkv.weight[:D], blk.attn.qkv.bias[:D]       # the q part of the fused projection (frozen)
-        proxies = F.linear(blk.norm1(proxy_prompts), W_q, b_q)          # (G, D): the guided prompts' queries
+        # §3.2's query space, W_q·LN(t) + b_q, or the raw tokens (the official code: proxies are the prompt parameters)
+        to_space = (lambda t: F.linear(blk.norm1(t), W_q, b_q)) if self.space == "query" else (lambda t: t)
+        proxies = to_space(proxy_prompts)                               # (G, D)
         share = 1.0 / len(self.guided_layers)                           # aux holds the mean over guided layers
         if self.loss_weights["mg_visual"] > 0:
             if self.anchor == "attn":
@@ -352,7 +358,7 @@ class MetricGuidedPrompts(PromptGenerator):
             loss = proxy_anchor_loss(anchors, y, proxies, self.alpha, self.delta, self.normalise)
             aux["mg_visual"] = aux.get("mg_visual", 0.0) + share * loss
         if self.loss_weights["mg_cls"] > 0:
-            q_cls = F.linear(blk.norm1(tokens[:, 0]), W_q, b_q)         # (B, D): the CLS query
+            q_cls = to_space(tokens[:, 0])                              # (B, D): the CLS (query)
             # Eq. (5), second term: L_ML(P, x_cls)
             loss = proxy_anchor_loss(q_cls, y, proxies, self.alpha, self.delta, self.normalise)
             aux["mg_cls"] = aux.get("mg_cls", 0.0) + share * loss

@@ -148,7 +148,8 @@ class ViaPTPrompts(PromptGenerator):
     samples = True                                                     # the instance prompts are drawn
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid: tuple[int, int] | int,
-                 pca_dim: int, instance: bool = True, inst_pca_dim: int = 16, eval_samples: int = 1, refresh: int = 25):
+                 pca_dim: int, instance: bool = True, inst_pca_dim: int = 16, eval_samples: int = 1, refresh: int = 25,
+                 history: str = "mean"):
         super().__init__()
         grid = patch_grid(grid)
         check_prompt_count(num_prompts)
@@ -161,6 +162,10 @@ class ViaPTPrompts(PromptGenerator):
             raise ValueError(f"--eval-samples: eval_samples R must be >= 1 (1 = z = μ), got {eval_samples}")
         if refresh < 1:
             raise ValueError(f"--pca-refresh: refresh must be >= 1 training steps, got {refresh}")
+        if history not in ("mean", "centred"):
+            raise ValueError(f"--viapt-history: unknown {history!r}: use mean (z̄ + the kept part) or centred (the "
+                             "kept part alone: PCA's centred scores, the summary's literal reading)")
+        self.history_rule = history
         self.m, self.dim, self.inst_pca_dim, self.eval_samples = pca_dim, dim, inst_pca_dim, eval_samples
         bound = prompt_init_bound(patch_size, dim)
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))  # P^data: (1, P, D)
@@ -211,7 +216,9 @@ class ViaPTPrompts(PromptGenerator):
         pca = self.pcas[i - 1]
         C = pca.basis[:, self.m:].to(prompts.dtype)                   # C_m: (D, d − m)
         mean = pca.mean.to(prompts.dtype)                             # z̄: (D,)
-        return mean.expand_as(prompts), pca.project(prompts - mean, self.m), self.new[i - 1] @ C.T
+        kept = pca.project(prompts - mean, self.m)
+        mean = mean.expand_as(prompts) if self.history_rule == "mean" else torch.zeros_like(kept)  # centred: no z̄
+        return mean, kept, self.new[i - 1] @ C.T
 
     def parts(self, i, tokens, prompts) -> dict:
         """For the diagnostics: block 0's dataset prompts; after it, ViaPT's mean, kept history and learnt part."""
