@@ -76,11 +76,28 @@ def test_latent_information_in_bits():
         model.generator.to_latent.weight.zero_()
     r = probe.latent_information(model, batches(), torch.device("cpu"))
     assert r["kl_nats"] == pytest.approx(2.0) and r["kl_bits"] == pytest.approx(2.0 / math.log(2))
-    assert not r["collapsed"]
-    with torch.no_grad():
-        model.generator.to_latent.bias[:4] = 0.5                             # KL = 4 · 0.125 = 0.5 nats < ln 2
-    assert probe.latent_information(model, batches(), torch.device("cpu"))["collapsed"]
+    # ... but every image gets the same posterior: z says nothing about the image, whatever the KL
+    assert r["mi_nats"] == pytest.approx(0.0, abs=1e-9) and r["mi_bits"] == r["mi_nats"] / math.log(2)
+    assert r["collapsed"]
+    with torch.no_grad():                          # μ depends on the image, σ small: z tells the images apart
+        model.generator.to_latent.weight[:4].normal_(std=3.0)
+        model.generator.to_latent.bias[4:] = -12.0                           # σ = e^-6
+    r = probe.latent_information(model, batches(), torch.device("cpu"))
+    assert r["mi_bits"] == pytest.approx(r["mi_max_bits"], abs=0.05) and not r["collapsed"]
+    assert r["mi_max_bits"] == pytest.approx(math.log2(sum(len(y) for _, y in batches())))
     assert probe.latent_information(model_with(DeepPrompts(P, D, L, 8)), batches(), torch.device("cpu")) is None
+
+
+def test_mutual_information_against_numerical_integration():
+    # two images, 1-D posteriors N(−a, 1) and N(+a, 1): I = H(½ N(−a,1) + ½ N(a,1)) − H(N(0, 1)), integrated on a grid
+    for a in (0.0, 0.5, 1.5, 4.0):
+        z = torch.linspace(-30, 30, 200001, dtype=torch.float64)
+        p = 0.5 * (torch.exp(-0.5 * (z + a) ** 2) + torch.exp(-0.5 * (z - a) ** 2)) / math.sqrt(2 * math.pi)
+        h_mix = -float((p * torch.log(p.clamp_min(1e-300))).sum() * (z[1] - z[0]))
+        exact = h_mix - 0.5 * math.log(2 * math.pi * math.e)
+        mu, logvar = torch.tensor([[-a], [a]]), torch.zeros(2, 1)
+        assert probe.mutual_information(mu, logvar, samples=20000) == pytest.approx(exact, abs=0.01)
+    assert exact == pytest.approx(math.log(2), abs=1e-3)      # far apart: one bit, the most two images can say
 
 
 def test_inserted_scale_names_the_parts_and_they_add_up():

@@ -216,7 +216,8 @@ def probe_runs(run_dirs, batch_size: int = 64, which: str = "last") -> list[dict
         "predictions changed: swap / null": lambda r: f"{100 * r['changed_swapped']:.1f} % / "
                                                       f"{100 * r['changed_null']:.1f} %",
         "latent (bits per image)": lambda r: "—" if r["latent"] is None else
-            f"{r['latent']['kl_bits']:.2f}" + (" collapsed" if r["latent"]["collapsed"] else ""),
+            f"I {r['latent']['mi_bits']:.2f} (KL {r['latent']['kl_bits']:.2f})"
+            + (" collapsed" if r["latent"]["collapsed"] else ""),
         "last epoch: ce, aux (weighted)": lambda r: f"{r['balance']['ce']:.3f}" + "".join(
             f", {k} {v:.3g} ({r['balance'][k + '_weighted']:.3g})" for k, v in r["balance"].items()
             if k not in ("epoch", "ce") and not k.endswith("_weighted"))}))

@@ -76,6 +76,10 @@ class FullV2APTPrompts(PromptGenerator):
             raise ValueError("multi-round inference samples the VAE's latent: this full V²APT has --no-vae")
         self.vae.eval_samples = R
 
+    @property
+    def posterior(self):
+        return self.vae.posterior if self.vae is not None else None
+
     def update_map(self, class_means) -> int:
         return self.guidance.update_map(class_means)
 

@@ -9,8 +9,12 @@ against its definition.)
   A generator that ignores the image changes nothing. One that relies on it changes predictions, and one whose
   image-dependent part carries something useful loses accuracy when fed another image's.
   The batches must mix classes (the loader is shuffled with a fixed seed), else a swap mostly trades like for like.
-- **Latent information.** The KL of V²APT's posterior to its prior per image, in nats and in bits (nats / ln 2).
-  Under one bit (ln 2 nats) the latent cannot even say which half of the data an image belongs to: collapsed.
+- **Latent information.** The KL of V²APT's posterior to its prior per image, in nats and in bits (nats / ln 2):
+  the *rate*, an upper bound on what z says about the image. Under one bit (ln 2 nats) the latent cannot even say
+  which half of the data an image belongs to: collapsed. The bound can be loose: a small σ alone makes the KL large
+  while every image gets the same μ. So we also estimate the mutual information I(x; z) itself, with the aggregate
+  posterior of the split as the marginal: I ≈ mean_i log q_i(z_i) − log mean_j q_j(z_i), z_i ~ q_i
+  (at most log of the number of images). That is the figure the collapse warning reads.
 - **Scale.** Per block, the mean norm of a prompt token the generator inserts, and of its parts where the generator
   names them (`PromptGenerator.parts`: V²APT's base and image-dependent part, ViaPT's mean, kept history and learnt
   part, ...), beside VPT-Deep's for reference.
@@ -84,19 +88,44 @@ def swap_test(model, loader, device, bf16: bool = False) -> dict:
             "changed_swapped": changed["swapped"] / n, "changed_null": changed["null"] / n, "images": n}
 
 
+def gaussian_log_density(z, mu, logvar):
+    """log N(z; μ, diag σ²) for every pair: z (M, K), μ and log σ² (N, K) → (M, N)."""
+    d = (z[:, None] - mu[None]).pow(2) / logvar.exp()[None]
+    return -0.5 * (d + logvar[None] + math.log(2 * math.pi)).sum(-1)
+
+
+def mutual_information(mu, logvar, samples: int = 8, seed: int = 0) -> float:
+    """I(x; z) in nats for diagonal Gaussian posteriors q_i = N(μ_i, σ_i²), one per image, with the aggregate
+    posterior (1/N) Σ_j q_j as the marginal: mean over i and draws z ~ q_i of log q_i(z) − log (1/N) Σ_j q_j(z).
+    0 when every image has the same posterior; at most log N when they do not overlap."""
+    mu, logvar = mu.double(), logvar.double()
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(samples):
+        z = mu + torch.randn(mu.shape, generator=g, dtype=mu.dtype) * (0.5 * logvar).exp()     # z_i ~ q_i
+        logq = gaussian_log_density(z, mu, logvar)                                           # (N, N)
+        total += float((logq.diagonal() - (logq.logsumexp(1) - math.log(len(mu)))).mean())
+    return total / samples
+
+
 @torch.no_grad()
 def latent_information(model, loader, device) -> dict | None:
-    """The mean KL per image of the generator's posterior (nats and bits), or None if it has no KL term."""
+    """The mean KL per image of the generator's posterior (the rate, nats and bits), the mutual information I(x; z)
+    over the split (nats and bits), and whether the latent has collapsed (I under one bit); None without a KL term."""
     model.eval()
-    total, n = 0.0, 0
+    total, n, mus, logvars = 0.0, 0, [], []
     for x, _ in loader:
         _, aux = model(x.to(device))
         if "kl" not in aux:
             return None
         total += float(aux["kl"]) * len(x)                       # the aux KL is the batch mean
         n += len(x)
+        mu, logvar = model.generator.posterior
+        mus.append(mu.float().cpu()), logvars.append(logvar.float().cpu())
     nats = total / max(n, 1)
-    return {"kl_nats": nats, "kl_bits": nats / BIT, "collapsed": nats < BIT}
+    mi = mutual_information(torch.cat(mus), torch.cat(logvars))
+    return {"kl_nats": nats, "kl_bits": nats / BIT, "mi_nats": mi, "mi_bits": mi / BIT,
+            "mi_max_bits": math.log2(max(n, 1)), "collapsed": mi < BIT}
 
 
 @torch.no_grad()

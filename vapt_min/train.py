@@ -208,8 +208,9 @@ def finish(cfg: Config, r, weights, aux_max, best, val_acc, test_acc, wall, img_
     diagnostics = probe.cheap(r.model, r.splits["val"], r.device, r.bf16) if r.rank == 0 else {}
     latent = diagnostics.get("latent")
     if latent and latent["collapsed"]:
-        log(f"warning: the latent carries {latent['kl_bits']:.2f} bits per image (KL {latent['kl_nats']:.3f} nats), "
-            "under one bit: a collapsed posterior, the instance prompts hardly depend on the image")
+        log(f"warning: the latent carries {latent['mi_bits']:.2f} bits per image (mutual information on the validation "
+            f"split; KL {latent['kl_nats']:.3f} nats), under one bit: a collapsed posterior, the instance prompts "
+            "hardly depend on the image")
     trainable, total_params = r.model.param_counts()
     summary = {"method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "num_classes": len(r.source.classes),
                "best_val_acc": best["val_acc"], "best_epoch": best["epoch"] + 1, "last_val_acc": val_acc,

@@ -82,6 +82,7 @@ class VAEPrompts(PromptGenerator):
                 self.film.weight.zero_()
             self.to_latent.bias[latent_dim:] = logvar_init                # log σ² at the start: σ = exp(init / 2)
         self._inst = None
+        self.posterior = None                                             # (μ, log σ²) of the last encoded batch
 
     def encode(self, x):
         """x: patch embeddings (B, N, D) → μ, log σ² (B, K)."""
@@ -103,6 +104,7 @@ class VAEPrompts(PromptGenerator):
         if i == self.encode_at:  # encode the image once, from the patch tokens entering this block
             mu, logvar = self.encode(tokens[:, 1:])
             aux["kl"] = kl_standard_normal(mu, logvar)
+            self.posterior = (mu.detach(), logvar.detach())                      # for probe.latent_information
             self._inst = self.decode(self.sample(mu, logvar))                   # z = μ + σ·ε: (B, L, P_inst, D)
         inst = self._inst[:, i]                                                 # (B, P_inst, D)
         if self.domain is None:
