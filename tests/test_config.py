@@ -69,6 +69,9 @@ def test_help_lists_every_option():
     (["--method", "full-v2apt", "--mg-prompts", "6"], r"--mg-prompts 6 must be in \[1, 5\]"),
     (["--method", "full-v2apt", "--no-vae", "--eval-samples", "3"], "which --method full-v2apt --no-vae never draws"),
     (["--test-cap", "0"], "test_cap >= 1"),
+    (["--method", "v2apt", "--network-lr-scale", "0"], "--network-lr-scale must be > 0"),
+    (["--method", "vpt-deep", "--network-lr-scale", "10"], "--method vpt-deep has no generator network"),
+    (["--method", "full-v2apt", "--no-vae", "--network-lr-scale", "10"], "--method full-v2apt has no generator network"),
 ])
 def test_bad_config_values(args, message):
     with pytest.raises(ValueError, match=message):
@@ -131,3 +134,41 @@ def test_load_run_rejects_a_checkpoint_of_another_method(tmp_path):
     save_file({"head.weight": torch.zeros(2, 192), "head.bias": torch.zeros(2)}, str(tmp_path / "last.safetensors"))  # a linear probe's
     with pytest.raises(ValueError, match=re.escape("missing ['generator.prompts'], unexpected []")):
         T.load_run(tmp_path)
+
+
+@pytest.mark.parametrize("method, network", [
+    ("v2apt", {"generator.query", "generator.to_latent.weight", "generator.to_latent.bias", "generator.film.weight",
+               "generator.film.bias"}),
+    ("full-v2apt", {"generator.vae.query", "generator.vae.to_latent.weight", "generator.vae.to_latent.bias",
+                    "generator.vae.film.weight", "generator.vae.film.bias"}),
+    ("viapt", {"generator.encoder.local.weight", "generator.encoder.local.bias", "generator.encoder.to_slots.weight",
+               "generator.encoder.to_slots.bias"}),
+])
+def test_network_lr_scale_gives_the_generator_network_its_own_learning_rate(method, network):
+    from vapt_min.build import build_model, build_optimizer
+    from vapt_min.vit import ViT, parse_name
+    cfg = T.config_from_args(["--method", method, "--network-lr-scale", "10", "--lr", "2e-3"])
+    with torch.device("meta"):
+        model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = build_optimizer(cfg, model).param_groups
+    assert [g["lr"] for g in groups] == [2e-3, pytest.approx(2e-2)]
+    assert {names[id(p)] for p in groups[1]["params"]} == network
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {names[id(p)] for g in groups for p in g["params"]} == trainable          # every one, once
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    plain = build_optimizer(T.config_from_args(["--method", method]), model).param_groups   # scale 1: one group
+    assert len(plain) == 1 and len(plain[0]["params"]) == len(trainable)
+
+
+def test_vapt_network_is_its_token_maps_and_projector():
+    from vapt_min.build import build_model, build_optimizer
+    from vapt_min.vit import ViT, parse_name
+    cfg = T.config_from_args(["--method", "vapt", "--network-lr-scale", "0.2"])
+    with torch.device("meta"):
+        model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    slow, fast = build_optimizer(cfg, model).param_groups[::-1]
+    assert slow["lr"] == pytest.approx(2e-4) and fast["lr"] == 1e-3
+    assert all(names[id(p)].startswith(("generator.layers.", "generator.projector.")) for p in slow["params"])
+    assert {names[id(p)] for p in fast["params"]} >= {"generator.prompts", "head.weight", "head.bias"}

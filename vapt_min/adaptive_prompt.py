@@ -90,6 +90,7 @@ class AdaptiveLayer(nn.Module):
 
 class AdaptivePrompts(PromptGenerator):
     """VAPT as a prompt generator: static prompts before block 0, adaptive prompts before every later block."""
+    network = ("layers", "projector")               # the token maps and the feature projector (--network-lr-scale)
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid: tuple[int, int] | int,
                  kernel: int = 2, hidden: int = 8, dropout: float = 0.1, kernel_init: str = "uniform"):

@@ -102,6 +102,9 @@ def validate(cfg: Config) -> Config:
             model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
     except ValueError as e:
         raise ValueError(f"invalid config: --method {cfg.method}: {e}") from None
+    if cfg.network_lr_scale != 1 and not (model.generator is not None and model.generator.network):
+        raise ValueError(f"invalid config: --network-lr-scale {cfg.network_lr_scale}: --method {cfg.method} has no "
+                         "generator network (only prompt tensors): drop it")
     if cfg.eval_samples != 1 and not (model.generator is not None and model.generator.samples):
         raise ValueError(f"invalid config: --eval-samples {cfg.eval_samples} averages sampled prompts, which --method "
                          f"{cfg.method}{' --no-vae' if cfg.method == 'full-v2apt' else ''} never draws: drop it")
@@ -151,8 +154,12 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or (1e-3 if cfg.optimizer == "adamw" else 0.1) * (0.1 if cfg.method == "full" else 1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.network_lr_scale != 1:   # two groups: the generator's network at lr × scale, everything else at lr
+        net = {id(p) for n, p in model.generator.named_parameters() if n.startswith(model.generator.network)}
+        params = [{"params": [p for p in params if id(p) not in net]},
+                  {"params": [p for p in params if id(p) in net], "lr": lr * cfg.network_lr_scale}]
     return (torch.optim.AdamW(params, lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
             else torch.optim.SGD(params, lr, momentum=0.9, weight_decay=cfg.weight_decay))
 

@@ -44,6 +44,8 @@ class Config:
                                "or a .safetensors/.pth file or folder")
     img_size: int = opt(112, "input size in pixels (a multiple of the patch size)")
     num_prompts: int = opt(10, "prompt tokens per layer (P)")
+    network_lr_scale: float = opt(1.0, "learning-rate multiplier for a generator's network, not its prompt tensors: "
+                                       "V²APT's encoder and decoder, VAPT's token maps, ViaPT's instance encoder")
     # V²APT (and the full V²APT's VAE)
     inst_prompts: int = opt(5, "v2apt: instance prompts per layer (the other num_prompts - inst_prompts are domain "
                                "prompts)")
@@ -145,6 +147,9 @@ class Config:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr} (leave it out for the optimizer's default)")
+        if not self.network_lr_scale > 0:
+            raise ValueError(f"--network-lr-scale must be > 0, got {self.network_lr_scale} (1: the same lr as the "
+                             "prompts)")
         if min(self.weight_decay, self.warmup_epochs, self.aux_warmup_epochs) < 0:
             raise ValueError(f"--weight-decay, --warmup-epochs and --aux-warmup-epochs must be >= 0, got "
                              f"{self.weight_decay}, {self.warmup_epochs} and {self.aux_warmup_epochs}")

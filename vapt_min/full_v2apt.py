@@ -52,6 +52,7 @@ class FullV2APTPrompts(PromptGenerator):
         # Created in the order of the parts, each by the module it comes from, which checks its own options.
         self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, **(vae_options or {}),
                               with_domain=False) if vae else None
+        self.network = tuple(f"vae.{n}" for n in VAEPrompts.network) if vae else ()   # --network-lr-scale
         if n_dom < 1:
             raise ValueError(f"no domain prompts left (--inst-prompts {inst_prompts} of --num-prompts {num_prompts}): "
                              "the PCA fusion and the guidance act on the domain prompts; lower --inst-prompts")

@@ -52,6 +52,9 @@ class PromptGenerator(nn.Module):
                               called right after gen(i, ...) by the diagnostics (probe.inserted_scale): the named
                               components of what it just returned, each (B, P', D), e.g. V²APT's base and
                               image-dependent part, ViaPT's mean, kept history and learnt part
+        network       ()      names (prefixes of named_parameters) of the generator's network, as opposed to its
+                              prompt tensors: V²APT's encoder and decoder, VAPT's token maps; build_optimizer gives
+                              them the learning rate × --network-lr-scale
         diagnostics(model, x) → {}
                               method-specific numbers on images x that say whether it does its job (DA-VPT: how
                               alike unrelated tokens look where its losses compare them); printed by bench probe
@@ -63,6 +66,7 @@ class PromptGenerator(nn.Module):
     """
     samples = False
     eval_samples = 1
+    network: tuple[str, ...] = ()
     targets = None
     _dropout = None                                 # PromptedViT's prompt dropout (a plain reference, not a submodule)
 

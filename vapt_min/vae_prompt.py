@@ -41,6 +41,7 @@ def kl_standard_normal(mu, logvar):
 class VAEPrompts(PromptGenerator):
     """Prompt generator: [instance prompts from the VAE | static domain prompts] before every block."""
     samples = True                                  # z is drawn: eval_samples = R > 1 averages R draws
+    network = ("query", "to_latent", "film")        # the encoder and the decoder (--network-lr-scale)
 
     def __init__(self, num_prompts: int, inst_prompts: int, dim: int, depth: int, patch_size: int, *,
                  latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, with_domain: bool = True,
