@@ -5,7 +5,7 @@ from torch.distributions import Normal, kl_divergence
 
 from conftest import block_inputs, tiny_vit
 from vapt_min.prompts import DeepPrompts, PromptedViT
-from vapt_min.vae_prompt import VAEPrompts, kl_standard_normal
+from vapt_min.vae_prompt import VAEPrompts, kl_per_dim, kl_standard_normal
 
 P, P_INST, D, L, K = 6, 4, 48, 3, 5
 
@@ -118,6 +118,7 @@ def test_parameter_budget(dim, depth):
     (dict(latent_dim=0), "latent_dim K must be >= 1"),
     (dict(beta=-0.1), "beta"),
     (dict(eval_samples=0), "eval_samples R must be >= 1"),
+    (dict(free_bits=-0.5), "--free-bits: the KL floor per latent dimension must be >= 0 nats, got -0.5"),
 ])
 def test_bad_input(kw, message):
     args = dict(num_prompts=10, inst_prompts=5, dim=D, depth=L, patch_size=8) | kw
@@ -152,3 +153,28 @@ def test_levers_that_open_the_instance_path():
         v2apt(encode_at=3)
     with pytest.raises(ValueError, match="--film-init"):
         v2apt(film_init="large")
+
+
+def test_free_bits_floor_each_dimension_and_leave_the_logged_kl_true():
+    """loss = CE + β·(KL + kl_floor) = CE + β·Σ_k max(KL_k, λ): no gradient towards the prior for a dimension under
+    the floor, the usual one above it; aux["kl"] stays the true KL."""
+    model = v2apt(beta=0.5, free_bits=0.3).train()
+    assert model.aux_weights() == {"kl": 0.5, "kl_floor": 0.5}
+    gen = model.generator
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(6, K) * torch.tensor([0.0, 0.1, 2.0, 0.0, 3.0]), torch.zeros(6, K)
+    mu.requires_grad_(True)
+    kl_k = kl_per_dim(mu, logvar)
+    torch.testing.assert_close(kl_k.sum(), kl_standard_normal(mu, logvar))
+    below = kl_k < 0.3
+    assert below.tolist() == [True, True, False, True, False]
+    from vapt_min.vae_prompt import kl_below_floor
+    objective = kl_standard_normal(mu, logvar) + kl_below_floor(kl_k, 0.3)
+    torch.testing.assert_close(objective, torch.maximum(kl_k, torch.tensor(0.3)).sum())
+    objective.backward()
+    assert (mu.grad[:, below] == 0).all() and (mu.grad[:, ~below] != 0).any()
+    _, aux = model(torch.randn(2, 3, 32, 32))
+    assert set(aux) == {"kl", "kl_floor"} and aux["kl_floor"].item() >= 0
+    torch.testing.assert_close(aux["kl"], kl_standard_normal(*gen.posterior))
+    torch.testing.assert_close(aux["kl_floor"], torch.relu(0.3 - kl_per_dim(*gen.posterior)).sum())
+    assert set(v2apt()(torch.randn(2, 3, 32, 32))[1]) == {"kl"}              # off by default: the old objective

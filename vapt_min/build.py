@@ -65,7 +65,7 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
                  anchor=cfg.mg_anchor, seed=cfg.seed, space=cfg.mg_space) if guided else {}
     P = cfg.num_prompts
     vae = dict(latent_dim=cfg.latent_dim, beta=cfg.beta, eval_samples=cfg.eval_samples, encode_at=cfg.encode_at,
-               film_init=cfg.film_init, logvar_init=cfg.logvar_init)
+               film_init=cfg.film_init, logvar_init=cfg.logvar_init, free_bits=cfg.free_bits)
     if cfg.method == "vpt-shallow":
         gen = ShallowPrompts(P, D, p)
     elif cfg.method == "vpt-deep":

@@ -57,6 +57,8 @@ class Config:
     film_init: str = opt("small", "v2apt: FiLM decoder weights at the start, small (N(0, 0.02²)) or zero (instance "
                                   "prompts start as their bases)")
     logvar_init: float = opt(0.0, "v2apt: log σ² of the posterior at the start (0: σ = 1)")
+    free_bits: float = opt(0.0, "v2apt: free bits, a KL floor in nats per latent dimension: the loss's KL term is "
+                                "sum_k max(KL_k, free_bits), so a dimension under the floor is not pulled to the prior")
     # ViaPT (pca_dim and pca_refresh also for the full V²APT's PCA fusion)
     pca_dim: int = opt(32, "viapt: m, the principal directions of the previous prompt outputs kept before every block "
                            "after the first (0 = VPT-Deep, D = VPT-Shallow)")

@@ -32,10 +32,23 @@ import torch.nn.functional as F
 from .prompts import PromptGenerator, prompt_init_bound
 
 
-def kl_standard_normal(mu, logvar):
-    # Eq. (1): KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ_k (μ_k² + σ_k² − log σ_k² − 1), then the batch mean.
+def kl_per_dim(mu, logvar):
+    # Eq. (1): KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ_k (μ_k² + σ_k² − log σ_k² − 1); here each k's batch mean, (K,).
     mu, logvar = mu.float(), logvar.float()  # in fp32 even under bf16 autocast: it is logged and compared
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(0)
+
+
+def kl_standard_normal(mu, logvar):
+    # summed over the K latent dimensions, averaged over the batch (the usual VAE convention)
+    mu, logvar = mu.float(), logvar.float()
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(-1).mean()
+
+
+def kl_below_floor(kl_k, floor: float):
+    # Free bits (Kingma et al. 2016, "Improving variational inference with inverse autoregressive flow"):
+    # Σ_k max(KL_k, λ) = KL + Σ_k relu(λ − KL_k). The second term refunds the KL below the floor λ, so a dimension
+    # that carries less than λ nats feels no pull towards the prior.
+    return F.relu(floor - kl_k).sum()
 
 
 class VAEPrompts(PromptGenerator):
@@ -45,7 +58,7 @@ class VAEPrompts(PromptGenerator):
 
     def __init__(self, num_prompts: int, inst_prompts: int, dim: int, depth: int, patch_size: int, *,
                  latent_dim: int = 8, beta: float = 0.01, eval_samples: int = 1, with_domain: bool = True,
-                 encode_at: int = 0, film_init: str = "small", logvar_init: float = 0.0):
+                 encode_at: int = 0, film_init: str = "small", logvar_init: float = 0.0, free_bits: float = 0.0):
         super().__init__()
         if not 1 <= inst_prompts <= num_prompts:
             raise ValueError(f"prompt split does not add up: --inst-prompts {inst_prompts} of --num-prompts "
@@ -58,12 +71,17 @@ class VAEPrompts(PromptGenerator):
             raise ValueError(f"--eval-samples: eval_samples R must be >= 1 (1 = z = μ), got {eval_samples}")
         if not 0 <= encode_at < depth:
             raise ValueError(f"--encode-at: encode_at must be a block index in [0, {depth - 1}], got {encode_at}")
+        if free_bits < 0:
+            raise ValueError(f"--free-bits: the KL floor per latent dimension must be >= 0 nats, got {free_bits}")
         if film_init not in ("small", "zero"):
             raise ValueError(f"--film-init: unknown {film_init!r}: use small or zero")
         self.num_prompts, self.inst_prompts, self.latent_dim = num_prompts, inst_prompts, latent_dim
         self.encode_at = encode_at
         self.eval_samples = eval_samples
         self.loss_weights = {"kl": beta}            # read by PromptedViT.aux_weights: loss = CE + β·KL
+        self.free_bits = free_bits
+        if free_bits > 0:                           # loss = CE + β·(KL + Σ_k relu(λ − KL_k)) = CE + β·Σ_k max(KL_k, λ)
+            self.loss_weights["kl_floor"] = beta
         bound = prompt_init_bound(patch_size, dim)
         # with_domain=False: the instance part alone (the full V²APT brings its own domain prompts); forward then
         # returns P_i^inst only. Created first, as before, so a seed gives the same initialisation as ever.
@@ -105,6 +123,8 @@ class VAEPrompts(PromptGenerator):
         if i == self.encode_at:  # encode the image once, from the patch tokens entering this block
             mu, logvar = self.encode(tokens[:, 1:])
             aux["kl"] = kl_standard_normal(mu, logvar)
+            if self.free_bits > 0:
+                aux["kl_floor"] = kl_below_floor(kl_per_dim(mu, logvar), self.free_bits)
             self.posterior = (mu.detach(), logvar.detach())                      # for probe.latent_information
             self._inst = self.decode(self.sample(mu, logvar))                   # z = μ + σ·ε: (B, L, P_inst, D)
         inst = self._inst[:, i]                                                 # (B, P_inst, D)
