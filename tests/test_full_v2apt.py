@@ -141,6 +141,8 @@ def test_guidance_proxies_with_pca_are_the_batch_mean_of_the_domain_prompts():
     (["--method", "full-v2apt", "--pca-dim", "0"], "--no-pca"),
     (["--method", "full-v2apt", "--no-vae", "--eval-samples", "3"], "full-v2apt --no-vae"),
     (["--method", "full-v2apt", "--no-kv-bias", "--bias-extended"], "--bias-extended"),
+    (["--method", "full-v2apt", "--no-vae-slots", "static"], "--no-vae-slots static says who takes the VAE's slots"),
+    (["--method", "full-v2apt", "--no-vae", "--no-vae-slots", "pca"], "--no-vae-slots: unknown 'pca'"),
 ])
 def test_bad_full_options_are_named(args, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
@@ -152,3 +154,39 @@ def test_no_vae_has_no_latent_to_sample():
     assert gen.eval_samples == 1
     with pytest.raises(ValueError, match="--no-vae"):
         gen.eval_samples = 3
+
+
+def test_the_ablation_without_the_vae_keeps_every_other_part_s_prompt_count():
+    """--no-vae --no-vae-slots static: the instance slots stay, as static prompts; the PCA-carried, guided domain
+    prompts are as many as in the full model (removing the VAE does not also double them, as --no-vae alone does)."""
+    vit = ViT(img_size=48, patch_size=16, dim=192, depth=12, num_heads=3, num_classes=0)
+    full = build(vit, method="full-v2apt")
+    ablated = build(vit, method="full-v2apt", vae=False, no_vae_slots="static")
+    folded = build(vit, method="full-v2apt", vae=False)
+    assert ablated.generator.n_inst == full.generator.n_inst == BASE["inst_prompts"]
+    n_dom = lambda m: m.generator.domain.prompts.shape[1]
+    assert n_dom(ablated) == n_dom(full) == 6 - 2
+    assert folded.generator.n_inst == 0 and n_dom(folded) == 6                             # the confounded reading
+    assert ablated.generator.guidance.map.num_proxies == full.generator.guidance.map.num_proxies
+    x = torch.randn(2, 3, 48, 48)
+    seen = []
+    hook = ablated.vit.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    ablated.eval()(x)
+    hook.remove()
+    assert seen[0].shape[1] == 1 + 6 + 9                                                   # VPT-Deep's token count
+    torch.testing.assert_close(seen[0][:, 1:3], ablated.generator.static.prompts[1].expand(2, -1, -1))  # block 1
+    from vapt_min.probe import inserted_scale
+    scale = inserted_scale(ablated, x)["static"]                                          # the diagnostics name them
+    assert len(scale) == 12 and all(v > 0 for v in scale)
+
+
+def test_static_slots_with_every_other_part_off_is_vpt_deep():
+    vit = ViT(img_size=48, patch_size=16, dim=192, depth=12, num_heads=3, num_classes=0)
+    off = dict(vae=False, pca=False, guide=False, kv_bias=False, no_vae_slots="static")
+    full, deep = build(vit, method="full-v2apt", **off), build(vit, method="vpt-deep")
+    with torch.no_grad():
+        full.generator.static.prompts.copy_(deep.generator.prompts[:, :2])
+        full.generator.domain.prompts.copy_(deep.generator.prompts[:, 2:])
+        full.head.load_state_dict(deep.head.state_dict())
+    x = torch.randn(3, 3, 48, 48)
+    torch.testing.assert_close(full.eval()(x)[0], deep.eval()(x)[0], rtol=0, atol=0)

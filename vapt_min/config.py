@@ -90,6 +90,10 @@ class Config:
     # the full V²APT's switches
     vae: bool = opt(True, "full-v2apt: VAE instance prompts next to the domain prompts (V²APT; uses --inst-prompts, "
                           "--latent-dim, --beta)")
+    no_vae_slots: str = opt("domain", "full-v2apt --no-vae: who takes the instance prompts' slots, domain (the domain "
+                                      "prompts: all switches off is VPT-Deep exactly) or static (static learnable "
+                                      "prompts, neither PCA-carried nor guided: every other part keeps its prompt "
+                                      "count, the ablation's choice)")
     pca: bool = opt(True, "full-v2apt: ViaPT's PCA fusion of the domain prompts across layers (uses --pca-dim, "
                           "--pca-refresh)")
     guide: bool = opt(True, "full-v2apt: DA-VPT's metric guidance of the domain prompts (uses the --mg-* options)")

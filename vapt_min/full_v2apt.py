@@ -21,6 +21,9 @@ Our choices where no paper composes these parts (lesson 07 says so too):
   the proxies are the first G domain prompts. With pca on, the domain prompts depend on the image through the history,
   so the proxies are their mean over the batch (with pca off the prompts are the same for every image and we take them
   as they are, which is what DA-VPT does). The attention anchors see every prompt entering the guided block.
+- Without the VAE, its slots go to the domain prompts by default, so that all switches off is VPT-Deep exactly. That
+  confounds an ablation: "−vae" would also double the PCA-carried, guided prompts. `no_vae_slots="static"` keeps the
+  slots as static VPT-Deep prompts instead, so removing the VAE changes nothing else; the ablation rows use it.
 - Prompt dropout acts on each part's learnable prompt tensors (the domain prompts; ViaPT's learnt part), never on
   the VAE's generated prompts nor on carried domain outputs (m = d), as in prompts.PromptGenerator.drop. Without the
   VAE at m = d the generator returns None (the loop's carry) and VPT-Shallow stays exact.
@@ -44,15 +47,23 @@ class FullV2APTPrompts(PromptGenerator):
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid, vae: bool = True,
                  inst_prompts: int = 5, vae_options: dict | None = None, pca_dim: int = 0, refresh: int = 25,
-                 guide: dict | None = None):
+                 guide: dict | None = None, no_vae_slots: str = "domain"):
         super().__init__()
-        n_inst = inst_prompts if vae else 0
+        if no_vae_slots not in ("domain", "static"):
+            raise ValueError(f"--no-vae-slots: unknown {no_vae_slots!r}: use domain or static")
+        if vae and no_vae_slots != "domain":
+            raise ValueError(f"--no-vae-slots {no_vae_slots} says who takes the VAE's slots without it: use it with "
+                             "--no-vae")
+        static = not vae and no_vae_slots == "static"
+        n_inst = inst_prompts if vae or static else 0
         n_dom = num_prompts - n_inst
         self.n_inst, self.m, self.dim = n_inst, pca_dim, dim
         # Created in the order of the parts, each by the module it comes from, which checks its own options.
         self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, **(vae_options or {}),
                               with_domain=False) if vae else None
         self.network = tuple(f"vae.{n}" for n in VAEPrompts.network) if vae else ()   # --network-lr-scale
+        # --no-vae --no-vae-slots static: the instance slots stay, as VPT-Deep's prompts (the de-confounded ablation)
+        self.static = DeepPrompts(inst_prompts, dim, depth, patch_size) if static else None
         if n_dom < 1:
             raise ValueError(f"no domain prompts left (--inst-prompts {inst_prompts} of --num-prompts {num_prompts}): "
                              "the PCA fusion and the guidance act on the domain prompts; lower --inst-prompts")
@@ -90,6 +101,8 @@ class FullV2APTPrompts(PromptGenerator):
         out = {f"domain {k}": v for k, v in self.domain.parts(i, tokens, previous).items()}
         if self.vae is not None:
             out.update(self.vae.parts(i, tokens, prompts))
+        if self.static is not None:
+            out["static"] = self.static.prompts[i].expand(tokens.shape[0], -1, -1)
         return out
 
     def diagnostics(self, model, x) -> dict:
@@ -101,7 +114,8 @@ class FullV2APTPrompts(PromptGenerator):
     def forward(self, i, tokens, prompts, aux):
         previous = None if prompts is None else prompts[:, self.n_inst:]  # block i−1's domain outputs: (B, P_dom, D)
         # the VAE first: it samples z before the domain prompts draw their dropout masks, the order V²APT has
-        inst = self.vae(i, tokens, prompts, aux) if self.vae is not None else None  # (B, P_inst, D)
+        inst = self.vae(i, tokens, prompts, aux) if self.vae is not None else \
+            self.static(i, tokens, None, aux) if self.static is not None else None  # (B, P_inst, D)
         dom = self.domain(i, tokens, previous, aux)                     # (B, P_dom, D), or None: carry (m = d)
         if self.guidance is not None:
             self.guidance.targets = self.targets

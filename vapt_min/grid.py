@@ -40,7 +40,8 @@ TASKS = {  # name → the train options that select it
 }
 ENTRIES = {m: ["--method", m] for m in METHODS}  # row label → train options: every method at its defaults
 ABLATION = {  # the full V²APT with one part off (lesson 07); with all parts off it is VPT-Deep
-    "full-v2apt −vae": ["--method", "full-v2apt", "--no-vae"],
+    # −vae keeps the instance slots as static prompts: the other parts keep their prompt counts (not a confound)
+    "full-v2apt −vae": ["--method", "full-v2apt", "--no-vae", "--no-vae-slots", "static"],
     "full-v2apt −pca": ["--method", "full-v2apt", "--no-pca"],
     "full-v2apt −guide": ["--method", "full-v2apt", "--no-guide"],
     "full-v2apt −bias": ["--method", "full-v2apt", "--no-kv-bias"],
