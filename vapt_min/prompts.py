@@ -9,7 +9,9 @@ embedding, are initialised uniform in ±√(6 / (3·p² + D)), pass through one 
 in eval mode while the prompts train. Prompt dropout acts on learnable prompt tensors only, as in the official VPT and
 VAPT codes: never on prompts a generator computes from the image or carries over from the previous block
 (`PromptGenerator.drop`). `dropout_on="all"` is this package's earlier rule (every prompt entering a block), kept to
-reproduce earlier runs.
+reproduce earlier runs. One rate (0.1) for every method, VPT-Shallow included, though the official VPT demo turns
+it off for Shallow ("no dropout for shallow"; its config default is 0.0): our choice, so that lessons 01–02 compare
+Shallow and Deep on one difference only, where they insert prompts. `--prompt-dropout 0` gives the demo's Shallow.
 
 Every method in this package is a prompt generator: a `PromptGenerator` (below), whose docstring is the contract
 the loop, the evaluation, the benchmarks and the lessons rely on.
