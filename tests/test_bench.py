@@ -170,3 +170,13 @@ def test_grid_rows_of_your_own(capsys, tmp_path):
                          for label in ("viapt, dropout on all", "vapt lr 3e-4")]
     with pytest.raises(SystemExit):
         main(["accuracy", "--entry", "no options", "--dry-run"])
+
+
+def test_ablation_labels_take_an_ascii_hyphen(capsys, tmp_path):
+    """lesson 07's exercise types `full-v2apt -pca -guide` in a shell: the label's minus signs need not be typed."""
+    main(["accuracy", "--methods", "full-v2apt -pca -guide", "vpt-deep", "--tasks", "mnist-1k", "--seeds", "0",
+          "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"), "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines[1:]) == ["  full-v2apt −pca −guide | mnist-1k | seed 0", "  vpt-deep | mnist-1k | seed 0"]
+    with pytest.raises(SystemExit):
+        main(["accuracy", "--methods", "full-v2apt -pca -nothing", "--dry-run"])

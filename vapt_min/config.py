@@ -197,7 +197,7 @@ def parse_value(kind: str):
 
 def parser_for(cls, parser: argparse.ArgumentParser | None = None, **kw) -> argparse.ArgumentParser:
     """Add one option per field of the dataclass `cls` (defaults suppressed: only what is given comes back).
-    bool → --x / --no-x; `list[int]` → several values; metadata: help, choices, positional."""
+    bool → --x / --no-x; `list[int]` → several values; metadata: help, choices, type (a converter), positional."""
     p = parser or argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                                           **kw)
     for f in fields(cls):
@@ -207,7 +207,7 @@ def parser_for(cls, parser: argparse.ArgumentParser | None = None, **kw) -> argp
         if kind == "bool":
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **more)
             continue
-        conv = parse_value(kind[5:-1] if many else kind)
+        conv = meta.get("type") or parse_value(kind[5:-1] if many else kind)
         more.update(type=conv, choices=meta.get("choices"), nargs="+" if many else None)
         if many:
             more["action"] = "extend"                   # given twice, the values add up: --entry A --entry B

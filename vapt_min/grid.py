@@ -215,10 +215,16 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
     return [rows[job] for job in jobs if job in rows]
 
 
+def row_label(text: str) -> str:
+    """The ablation labels use a minus sign (−); the ASCII hyphen a shell user types works too."""
+    return text.replace(" -", " −")
+
+
 @dataclass
 class GridConfig:
     methods: list[str] = opt(list(ENTRIES), "row labels: the methods, and the full V²APT ablation ("
-                             + ", ".join(ABLATION) + ")", choices=list(ENTRIES) + list(ABLATION))
+                             + ", ".join(ABLATION) + "; a hyphen for the minus sign works too)",
+                             choices=list(ENTRIES) + list(ABLATION), type=row_label)
     ablation: bool = opt(False, "add the full V²APT ablation rows (on cifar10-1k and the ablation seeds)")
     ablation_seeds: list[int] = opt([0, 1], "the ablation's seeds")
     tasks: list[str] = opt(list(TASKS), "tasks", choices=list(TASKS))
