@@ -43,3 +43,19 @@ def test_check_band(monkeypatch):
         scale.check_band("nan", float("nan"), saved=0.5, tol=1.0)  # a NaN is never inside a band
     monkeypatch.setenv(scale.ENV, "paper")
     scale.check_band("test accuracy", 0.10, saved=0.82, tol=0.04)  # paper scale: another budget, nothing to compare
+
+
+def test_check_band_records_instead_of_stopping_when_asked(monkeypatch, tmp_path):
+    """VAPT_MIN_BANDS_RECORD: one execution lists every band that moved (for re-setting them), in-band values add
+    nothing, and without the variable the same value stops the lesson again."""
+    monkeypatch.delenv(scale.ENV, raising=False)
+    log = tmp_path / "moved.txt"
+    monkeypatch.setenv(scale.RECORD, str(log))
+    scale.check_band("test accuracy", 0.70, saved=0.82, tol=0.04)
+    scale.check_band("curve", [0.1, 0.2], saved=[0.12, 0.18], tol=0.05)                   # inside: not recorded
+    scale.check_band("curve", [0.1, 0.5], saved=[0.12, 0.18], tol=0.05)
+    assert log.read_text().splitlines() == ["test accuracy: now [0.7], saved [0.82], band ± 0.04",
+                                            "curve: now [0.1, 0.5], saved [0.12, 0.18], band ± 0.05"]
+    monkeypatch.delenv(scale.RECORD)
+    with pytest.raises(AssertionError, match="outside the band"):
+        scale.check_band("test accuracy", 0.70, saved=0.82, tol=0.04)
