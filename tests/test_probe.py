@@ -131,7 +131,7 @@ def test_loss_balance_weights_every_term():
         {"epoch": 1, "ce": 2.0, "kl": 3.0, "kl_weighted": 0.03}, {"epoch": 2, "ce": 1.0, "kl": 5.0, "kl_weighted": 0.05}]
 
 
-def test_every_run_reports_the_swap_test_and_the_latent_in_summary_json(tmp_path):
+def test_every_run_reports_the_swap_test_and_the_latent_in_summary_json(tmp_path, capsys):
     import json
 
     from PIL import Image
@@ -151,6 +151,15 @@ def test_every_run_reports_the_swap_test_and_the_latent_in_summary_json(tmp_path
     s = T.train(T.config_from_args([*args, "--method", "vpt-deep", "--out", str(tmp_path / "deep")]))
     assert s["probe"]["swap"]["changed_swapped"] == 0 and "latent" not in s["probe"]
     assert T.train(T.config_from_args([*args, "--method", "linear", "--out", str(tmp_path / "lin")]))["probe"] == {}
+    # and the command that prints every diagnostic of trained runs, on their test split
+    from vapt_min.bench import main as bench_main
+    capsys.readouterr()
+    bench_main(["probe", str(tmp_path / "v2"), str(tmp_path / "deep")])
+    out = capsys.readouterr().out
+    v2_row = next(l for l in out.splitlines() if l.startswith(f"| {tmp_path / 'v2'} "))
+    deep_row = next(l for l in out.splitlines() if l.startswith(f"| {tmp_path / 'deep'} "))
+    assert "| I " in v2_row and "(KL " in v2_row and "| — |" in deep_row and "| 0.0 % / 0.0 % |" in deep_row
+    assert "mean norm of an inserted prompt token, per block" in out and "instance image part" in out
 
 
 def test_davpt_diagnostics_read_the_guided_block():
