@@ -108,3 +108,15 @@ def test_every_listed_cell_exists():
         for lesson, line in table:
             hits = [s for s in sources.get(lesson, []) if line in s]
             assert len(hits) == 1, f"{lesson}: {len(hits)} cells contain {line!r}"
+
+
+def test_each_lesson_states_the_time_the_readme_measured():
+    """One figure per lesson, stated twice: the lesson's first cell and the README's lesson table (the sum of the
+    lesson's cell durations in a CI run, `PYTEST_ADDOPTS=--durations=0`). Re-measure, then change both."""
+    readme = (LESSONS[0].parents[1] / "README.md").read_text()
+    for nb in LESSONS:
+        table = re.search(rf"^\| `{nb.stem}` \|.*\| ([\d.]+) min \|$", readme, re.M)
+        assert table, f"README's lesson table has no row for {nb.stem}"
+        first = "".join(json.loads(nb.read_text())["cells"][0]["source"])
+        stated = re.findall(r"CPU time: about ([\d.]+) minutes on 2 quiet cores", first)
+        assert stated == [table.group(1)], f"{nb.stem}: the first cell says {stated}, the README {table.group(1)} min"
