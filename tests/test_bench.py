@@ -113,6 +113,11 @@ def test_accuracy_grid_runs_resumes_and_reports(real, tmp_path, capsys):
         (l, t, s) for l in ("linear", "vpt-deep") for t in tasks for s in (0, 1))
     assert all(0 <= r["test_acc"] <= 1 and r["command"].startswith("OMP_NUM_THREADS=1 python -m vapt_min.train --preset default")
                for r in rows)
+    # the probe's columns: a prompt generator is swap-tested on validation (VPT-Deep's reads no image: 0 changed),
+    # the linear probe has none
+    assert all(r["val_changed_swapped"] == "0.0" and float(r["val_acc_own"]) == float(r["val_acc_swapped"])
+               for r in rows if r["label"] == "vpt-deep")
+    assert all(r["val_acc_own"] == r["mi_bits_val"] == "" for r in rows if r["label"] == "linear")
     md = (tmp_path / "res" / "results.md").read_text().splitlines()
     assert md[-4].startswith("| method | trainable params | trainable % | cifar | cifar-2shot |")
     lin = [r for r in rows if r["label"] == "linear" and r["task"] == "cifar"]
@@ -160,6 +165,12 @@ def test_results_md_rows_reproduce(real, tmp_path):
         assert all(abs(g - w) <= 0.01 for g, w in zip(got, want)), (got, want, torch.__version__, grid_torch)
 
 
+def test_a_results_csv_from_before_the_probe_columns_keeps_its_header(tmp_path):
+    from vapt_min.grid import CSV_FIELDS, csv_header
+    (tmp_path / "results.csv").write_text(",".join(CSV_FIELDS) + "\n")
+    assert csv_header(tmp_path / "results.csv") == CSV_FIELDS and csv_header(tmp_path / "none.csv") is None
+
+
 def test_grid_rows_of_your_own(capsys, tmp_path):
     main(["accuracy", "--entry", "viapt, dropout on all: --method viapt --prompt-dropout-on all", "--entry",
           "vapt lr 3e-4: --method vapt --lr 3e-4", "--tasks", "cifar10-1k", "--seeds", "0", "1", "--extra",
@@ -180,3 +191,20 @@ def test_ablation_labels_take_an_ascii_hyphen(capsys, tmp_path):
     assert sorted(lines[1:]) == ["  full-v2apt −pca −guide | mnist-1k | seed 0", "  vpt-deep | mnist-1k | seed 0"]
     with pytest.raises(SystemExit):
         main(["accuracy", "--methods", "full-v2apt -pca -nothing", "--dry-run"])
+
+
+def test_curves_write_a_figure_and_a_csv_and_name_a_missing_key(tmp_path, capsys):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        rows = [{"epoch": e, "ce": scale / e, "mg_cls": 10 - e, "val_acc": 0.1 * e} for e in (1, 2, 3)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["curves", str(tmp_path / "a"), str(tmp_path / "b"), "--keys", "ce", "mg_cls", "--labels", "A", "B",
+          "--png", str(tmp_path / "c.png"), "--csv", str(tmp_path / "c.csv")])
+    assert capsys.readouterr().out.splitlines() == ["A: ce 1 → 0.333 | mg_cls 9 → 7", "B: ce 2 → 0.667 | mg_cls 9 → 7"]
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    assert lines[0] == "run,epoch,ce,mg_cls" and lines[1] == "A,1,1.0,9" and lines[6] == "B,3,0.6666666666666666,7"
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit) as e:                          # a key nobody logged: named, with what was logged
+        main(["curves", str(tmp_path / "a"), "--keys", "kl"])
+    assert e.value.code == 2 and "--keys kl: no run logged it; metrics.jsonl has ce, epoch, mg_cls, val_acc" in \
+        capsys.readouterr().err

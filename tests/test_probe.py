@@ -154,8 +154,13 @@ def test_every_run_reports_the_swap_test_and_the_latent_in_summary_json(tmp_path
     # and the command that prints every diagnostic of trained runs, on their test split
     from vapt_min.bench import main as bench_main
     capsys.readouterr()
-    bench_main(["probe", str(tmp_path / "v2"), str(tmp_path / "deep")])
+    bench_main(["probe", str(tmp_path / "v2"), str(tmp_path / "deep"), "--csv", str(tmp_path / "probe.csv")])
     out = capsys.readouterr().out
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "probe.csv")))          # the same figures, one row per run
+    assert [r["method"] for r in rows] == ["v2apt", "vpt-deep"] and rows[0]["images"] == "4"
+    assert float(rows[1]["changed_swapped"]) == 0 and rows[1]["mi_bits"] == "" and float(rows[0]["mi_bits"]) >= 0
+    assert float(rows[0]["kl_bits"]) > 0
     v2_row = next(l for l in out.splitlines() if l.startswith(f"| {tmp_path / 'v2'} "))
     deep_row = next(l for l in out.splitlines() if l.startswith(f"| {tmp_path / 'deep'} "))
     assert "| I " in v2_row and "(KL " in v2_row and "| — |" in deep_row and "| 0.0 % / 0.0 % |" in deep_row

@@ -6,6 +6,7 @@
     python -m vapt_min.bench speed --methods vpt-deep full --precision fp32 --attention explicit  # as official code
     python -m vapt_min.bench infer runs/viapt/*-seed0 --samples 1 5   # fixed sampling vs multi-round inference
     python -m vapt_min.bench probe runs/v2apt-*                 # does the generator use the image? (probe.py)
+    python -m vapt_min.bench curves runs/davpt-* --keys ce mg_visual mg_cls --png curves.png   # per-epoch curves
     python -m vapt_min.bench accuracy                           # the accuracy grid (grid.py)
 
 Speed: the training step (train.train_step: forward, loss, backward, optimizer) and inference time of each method on
@@ -189,9 +190,14 @@ def infer(run_dirs, samples=(1, 5), seed=0) -> list[dict]:
     return rows
 
 
-def probe_runs(run_dirs, batch_size: int = 64, which: str = "last") -> list[dict]:
+PROBE_CSV = ["run", "method", "images", "acc_own", "acc_swapped", "acc_null", "changed_swapped", "changed_null",
+             "mi_bits", "kl_bits"]
+
+
+def probe_runs(run_dirs, batch_size: int = 64, which: str = "last", csv_path=None) -> list[dict]:
     """Every diagnostic of probe.py for trained runs, on each run's own test split (mixed-class batches): the swap
-    test, the latent's information, the scale of what the generator inserts, the last epoch's loss balance."""
+    test, the latent's information, the scale of what the generator inserts, the last epoch's loss balance.
+    csv_path: also write the swap test and the latent of every run there, one row per run (PROBE_CSV)."""
     rows = []
     for run_dir in run_dirs:
         model, cfg = load_run(run_dir, which)
@@ -221,6 +227,15 @@ def probe_runs(run_dirs, batch_size: int = 64, which: str = "last") -> list[dict
         "last epoch: ce, aux (weighted)": lambda r: f"{r['balance']['ce']:.3f}" + "".join(
             f", {k} {v:.3g} ({r['balance'][k + '_weighted']:.3g})" for k, v in r["balance"].items()
             if k not in ("epoch", "ce") and not k.endswith("_weighted"))}))
+    if csv_path is not None:
+        import csv
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, PROBE_CSV)
+            w.writeheader()
+            for r in rows:
+                latent = r["latent"] or {}
+                w.writerow({**{k: r[k] for k in PROBE_CSV[:8]}, "mi_bits": latent.get("mi_bits", ""),
+                            "kl_bits": latent.get("kl_bits", "")})
     blocks = lambda v: " ".join("·" if math.isnan(t) else f"{t:.2f}" for t in v)
     for r in rows:
         if r["diagnostics"]:
@@ -229,6 +244,43 @@ def probe_runs(run_dirs, batch_size: int = 64, which: str = "last") -> list[dict
         for name, v in r["scale"].items():
             print(f"  {name:28s} {blocks(v)}")
     return rows
+
+
+def curves(run_dirs, keys, png=None, csv_path=None, labels=None) -> dict[str, list[dict]]:
+    """Per-epoch curves (metrics.jsonl) of trained runs, one panel per key: e.g. DA-VPT's metric losses beside the
+    cross-entropy. png: the figure; csv_path: one row per run and epoch, the keys as columns (a run lacking a key
+    leaves it empty). labels: one per run (default: the run folders)."""
+    from .plots import plot_curves, read_metrics
+    labels = labels or [str(d) for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"--labels: {len(labels)} labels for {len(run_dirs)} runs")
+    runs = {}
+    for label, run_dir in zip(labels, run_dirs):
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise ValueError(f"{run_dir}: no metrics.jsonl (a run folder written by python -m vapt_min.train --out)")
+        runs[label] = read_metrics(run_dir)
+    missing = [k for k in keys if not any(k in r for rows in runs.values() for r in rows)]
+    if missing:
+        known = sorted({k for rows in runs.values() for r in rows for k in r})
+        raise ValueError(f"--keys {' '.join(missing)}: no run logged it; metrics.jsonl has {', '.join(known)}")
+    if csv_path is not None:
+        import csv
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, ["run", "epoch", *keys])
+            w.writeheader()
+            for label, rows in runs.items():
+                for r in rows:
+                    w.writerow({"run": label, "epoch": r["epoch"], **{k: r.get(k, "") for k in keys}})
+    if png is not None:
+        import matplotlib.pyplot as plt
+        fig = plot_curves({label: [r for r in rows if all(k in r for k in keys)] for label, rows in runs.items()},
+                          keys)
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+    for label, rows in runs.items():
+        print(f"{label}: " + " | ".join(f"{k} {rows[0].get(k, float('nan')):.3g} → {rows[-1].get(k, float('nan')):.3g}"
+                                        for k in keys))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,6 +314,17 @@ class ProbeConfig:
                           positional=True)
     batch_size: int = opt(64, "images per batch (the swap test swaps within a batch)")
     which: str = opt("last", "checkpoint: last or best", choices=("last", "best"))
+    csv: str | None = opt(None, "also write one row per run (the swap test on the test split, the latent's bits) to "
+                                "this CSV file")
+
+
+@dataclass
+class CurvesConfig:
+    runs: list[str] = opt([], "run folders (as written by python -m vapt_min.train --out)", positional=True)
+    keys: list[str] = opt(["ce", "val_acc"], "metrics.jsonl columns, one panel each (e.g. ce mg_visual mg_cls kl)")
+    labels: list[str] = opt([], "a legend label per run (default: the run folders)")
+    png: str | None = opt(None, "write the figure here")
+    csv: str | None = opt(None, "write the curves here, one row per run and epoch")
 
 
 def main(argv=None):
@@ -276,6 +339,8 @@ def main(argv=None):
     parser_for(ProbeConfig, sub.add_parser("probe", help="does each trained generator use the image? the swap test, "
                                            "the latent's bits, the scale of the prompts, the loss balance",
                                            allow_abbrev=False))
+    parser_for(CurvesConfig, sub.add_parser("curves", help="per-epoch curves of trained runs (a figure, a CSV)",
+                                            allow_abbrev=False))
     grid.add_parser(sub)
     given = vars(p.parse_args(argv))
     kind = given.pop("bench")
@@ -289,7 +354,13 @@ def main(argv=None):
             p.error(str(e))
     elif kind == "probe":
         a = ProbeConfig(**given)
-        probe_runs(a.runs, a.batch_size, a.which)
+        probe_runs(a.runs, a.batch_size, a.which, a.csv)
+    elif kind == "curves":
+        a = CurvesConfig(**given)
+        try:
+            curves(a.runs, a.keys, a.png, a.csv, a.labels or None)
+        except ValueError as e:
+            p.error(str(e))
     elif kind == "infer":
         a = InferConfig(**given)
         if min(a.samples) < 1:

@@ -49,6 +49,21 @@ ABLATION = {  # the full V²APT with one part off (lesson 07); with all parts of
 }
 CSV_FIELDS = ["label", "task", "seed", "test_acc", "best_val_acc", "trainable_params", "trainable_pct", "wall_time_s",
               "device", "precision", "command"]
+# the swap test and the latent's information on the validation split (summary.json's probe; empty without a generator
+# or a latent): does the row's generator use the image? A results.csv begun before these columns keeps its own header.
+PROBE_FIELDS = ["val_acc_own", "val_acc_swapped", "val_acc_null", "val_changed_swapped", "mi_bits_val"]
+
+
+def probe_columns(summary: dict) -> dict:
+    """summary.json's probe → the grid's probe columns ("" where the run has no generator or no latent)."""
+    swap, latent = summary.get("probe", {}).get("swap"), summary.get("probe", {}).get("latent")
+    cols = dict.fromkeys(PROBE_FIELDS, "")
+    if swap:
+        cols.update(val_acc_own=swap["acc_own"], val_acc_swapped=swap["acc_swapped"], val_acc_null=swap["acc_null"],
+                    val_changed_swapped=swap["changed_swapped"])
+    if latent:
+        cols["mi_bits_val"] = latent["mi_bits"]
+    return cols
 
 
 def machine() -> str:
@@ -70,6 +85,14 @@ def read_results(path: Path) -> list[dict]:
         return [{**r, "seed": int(r["seed"]), "test_acc": float(r["test_acc"]),
                  "trainable_params": int(r["trainable_params"]), "trainable_pct": float(r["trainable_pct"])}
                 for r in csv.DictReader(f)]
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The columns of an existing results.csv (rows are appended under its own header), or None for a new one."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -191,10 +214,11 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
             row = {"label": label, "task": task, "seed": seed, "test_acc": s["test_acc"],
                    "best_val_acc": s["best_val_acc"], "trainable_params": s["trainable_params"],
                    "trainable_pct": s["trainable_pct"], "wall_time_s": round(s["wall_time_s"], 1),
-                   "device": s["device"], "precision": s["precision"], "command": cmd}
+                   "device": s["device"], "precision": s["precision"], **probe_columns(s), "command": cmd}
             if (label, task, seed) not in have:
                 with open(csv_path, "a", newline="") as f:
-                    w = csv.DictWriter(f, CSV_FIELDS)
+                    w = csv.DictWriter(f, csv_header(csv_path) or CSV_FIELDS[:-1] + PROBE_FIELDS + ["command"],
+                                       extrasaction="ignore")
                     if f.tell() == 0:
                         w.writeheader()
                     w.writerow(row)
