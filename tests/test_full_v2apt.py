@@ -18,6 +18,8 @@ REDUCTIONS = [
     (dict(vae=False, pca=False, guide=False, kv_bias=False), dict(method="vpt-deep")),
     (dict(vae=True, pca=False, guide=False, kv_bias=False), dict(method="v2apt")),
     (dict(vae=False, pca=True, guide=False, kv_bias=False), dict(method="viapt", viapt_instance=False)),
+    (dict(vae=False, pca=True, guide=False, kv_bias=False, viapt_history="centred"),   # ViaPT's rule passes through
+     dict(method="viapt", viapt_instance=False, viapt_history="centred")),
     (dict(vae=False, pca=False, guide=True, kv_bias=False), dict(method="davpt")),
     (dict(vae=False, pca=False, guide=True, kv_bias=True), dict(method="davpt+")),
 ]

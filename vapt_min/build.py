@@ -85,6 +85,7 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
         gen = FullV2APTPrompts(P, D, L, p, grid=grid, vae=cfg.vae, inst_prompts=cfg.inst_prompts, vae_options=vae,
                                no_vae_slots=cfg.no_vae_slots,
                                pca_dim=cfg.pca_dim if cfg.pca else 0, refresh=cfg.pca_refresh,
+                               history=cfg.viapt_history,
                                guide=dict(blocks=vit.blocks, num_classes=num_classes, **guide) if cfg.guide else None)
     else:
         raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")

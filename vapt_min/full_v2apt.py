@@ -42,12 +42,12 @@ from .vae_prompt import VAEPrompts
 
 class FullV2APTPrompts(PromptGenerator):
     """The composed generator. vae: inst_prompts of the num_prompts are instance prompts. pca_dim = m > 0: ViaPT's
-    fusion on the domain prompts (m = 0: off). guide: a dict of MetricGuidedPrompts options (blocks, num_classes,
+    fusion on the domain prompts (m = 0: off; history: ViaPT's rule, --viapt-history). guide: a dict of MetricGuidedPrompts options (blocks, num_classes,
     guided_layers, num_guided, lambda_visual, ...) or None. K/V bias tuning is `enable_bias_tuning` on the backbone."""
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid, vae: bool = True,
                  inst_prompts: int = 5, vae_options: dict | None = None, pca_dim: int = 0, refresh: int = 25,
-                 guide: dict | None = None, no_vae_slots: str = "domain"):
+                 guide: dict | None = None, no_vae_slots: str = "domain", history: str = "mean"):
         super().__init__()
         if no_vae_slots not in ("domain", "static"):
             raise ValueError(f"--no-vae-slots: unknown {no_vae_slots!r}: use domain or static")
@@ -68,7 +68,7 @@ class FullV2APTPrompts(PromptGenerator):
             raise ValueError(f"no domain prompts left (--inst-prompts {inst_prompts} of --num-prompts {num_prompts}): "
                              "the PCA fusion and the guidance act on the domain prompts; lower --inst-prompts")
         self.domain = (ViaPTPrompts(n_dom, dim, depth, patch_size, grid=grid, pca_dim=pca_dim, instance=False,
-                                    refresh=refresh) if pca_dim != 0 else DeepPrompts(n_dom, dim, depth, patch_size))
+                                    refresh=refresh, history=history) if pca_dim != 0 else DeepPrompts(n_dom, dim, depth, patch_size))
         self.guidance = MetricGuidedPrompts(n_dom, dim, depth, patch_size, **guide, own_prompts=False) \
             if guide else None
         self.loss_weights = {**(self.vae.loss_weights if vae else {}), **(self.guidance.loss_weights if guide else {})}
