@@ -172,3 +172,29 @@ def test_vapt_network_is_its_token_maps_and_projector():
     assert slow["lr"] == pytest.approx(2e-4) and fast["lr"] == 1e-3
     assert all(names[id(p)].startswith(("generator.layers.", "generator.projector.")) for p in slow["params"])
     assert {names[id(p)] for p in fast["params"]} >= {"generator.prompts", "head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("args, learnt", [
+    (["--method", "viapt"], [f"generator.new.{i}" for i in range(11)]),
+    (["--method", "full-v2apt"], [f"generator.domain.new.{i}" for i in range(11)]),
+])
+def test_viapt_learnt_lr_scale_steps_the_learnt_coordinates_alone(args, learnt):
+    """ViaPT's W_i sit on the running mean z̄: --viapt-learnt-lr-scale gives them, and nothing else, lr × s; with
+    --network-lr-scale too, three groups."""
+    from vapt_min.build import build_model, build_optimizer
+    from vapt_min.vit import ViT, parse_name
+    cfg = T.config_from_args([*args, "--viapt-learnt-lr-scale", "10", "--network-lr-scale", "3"])
+    with torch.device("meta"):
+        model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    base, net, new = build_optimizer(cfg, model).param_groups
+    assert (base["lr"], net["lr"], new["lr"]) == (1e-3, pytest.approx(3e-3), pytest.approx(1e-2))
+    assert [names[id(p)] for p in new["params"]] == learnt
+    assert all(".new." not in names[id(p)] for g in (base, net) for p in g["params"])
+    assert sum(len(g["params"]) for g in (base, net, new)) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_viapt_learnt_lr_scale_is_refused_without_a_carried_history():
+    for args in (["--method", "vpt-deep"], ["--method", "full-v2apt", "--no-pca"], ["--viapt-learnt-lr-scale", "0"]):
+        with pytest.raises(ValueError, match="--viapt-learnt-lr-scale"):
+            T.validate(T.config_from_args([*args, "--viapt-learnt-lr-scale", args[-1] if args[-1] == "0" else "10"]))

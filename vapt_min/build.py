@@ -107,6 +107,9 @@ def validate(cfg: Config) -> Config:
     if cfg.network_lr_scale != 1 and not (model.generator is not None and model.generator.network):
         raise ValueError(f"invalid config: --network-lr-scale {cfg.network_lr_scale}: --method {cfg.method} has no "
                          "generator network (only prompt tensors): drop it")
+    if cfg.viapt_learnt_lr_scale != 1 and not (model.generator is not None and model.generator.learnt):
+        raise ValueError(f"invalid config: --viapt-learnt-lr-scale {cfg.viapt_learnt_lr_scale}: --method {cfg.method}"
+                         " has no learnt coordinates on a carried history (viapt, or full-v2apt with --pca): drop it")
     if cfg.eval_samples != 1 and not (model.generator is not None and model.generator.samples):
         raise ValueError(f"invalid config: --eval-samples {cfg.eval_samples} averages sampled prompts, which --method "
                          f"{cfg.method}{' --no-vae' if cfg.method == 'full-v2apt' else ''} never draws: drop it")
@@ -158,10 +161,17 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     lr = cfg.lr or (1e-3 if cfg.optimizer == "adamw" else 0.1) * (0.1 if cfg.method == "full" else 1.0)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.network_lr_scale != 1:   # two groups: the generator's network at lr × scale, everything else at lr
-        net = {id(p) for n, p in model.generator.named_parameters() if n.startswith(model.generator.network)}
-        params = [{"params": [p for p in params if id(p) not in net]},
-                  {"params": [p for p in params if id(p) in net], "lr": lr * cfg.network_lr_scale}]
+    # a group per multiplier: the generator's network (--network-lr-scale), ViaPT's learnt coordinates
+    # (--viapt-learnt-lr-scale) at lr × their scale, everything else at lr
+    scale = {}
+    for attr, s in (("network", cfg.network_lr_scale), ("learnt", cfg.viapt_learnt_lr_scale)):
+        if s != 1:
+            prefixes = getattr(model.generator, attr)
+            scale.update({id(p): s for n, p in model.generator.named_parameters() if n.startswith(prefixes)})
+    if scale:
+        params = [{"params": [p for p in params if id(p) not in scale]}] + [
+            {"params": [p for p in params if scale.get(id(p)) == s], "lr": lr * s}
+            for s in dict.fromkeys(scale.values())]
     return (torch.optim.AdamW(params, lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
             else torch.optim.SGD(params, lr, momentum=0.9, weight_decay=cfg.weight_decay))
 

@@ -65,6 +65,9 @@ class Config:
     viapt_instance: bool = opt(True, "viapt: the instance branch (encoder, sampled prompts fused into block 0's)")
     inst_pca_dim: int = opt(16, "viapt: principal directions k of the instance prompts kept in the fusion")
     pca_refresh: int = opt(25, "viapt: recompute the running principal directions every this many steps")
+    viapt_learnt_lr_scale: float = opt(1.0, "viapt (and the full V²APT's PCA fusion): learning-rate multiplier for "
+                                            "the learnt coordinates W_i of the blocks after the first, which sit on "
+                                            "the running mean z̄ (several times their norm)")
     viapt_history: str = opt("mean", "viapt: the history of blocks after the first, mean (z̄ + (Z − z̄) V_m V_mᵀ) or "
                                      "centred ((Z − z̄) V_m V_mᵀ: PCA's centred scores, the summary's literal reading)")
     # VAPT
@@ -153,6 +156,9 @@ class Config:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr} (leave it out for the optimizer's default)")
+        if not self.viapt_learnt_lr_scale > 0:
+            raise ValueError(f"--viapt-learnt-lr-scale must be > 0, got {self.viapt_learnt_lr_scale} (1: the same lr "
+                             "as the other prompts)")
         if not self.network_lr_scale > 0:
             raise ValueError(f"--network-lr-scale must be > 0, got {self.network_lr_scale} (1: the same lr as the "
                              "prompts)")

@@ -42,8 +42,8 @@ from .vae_prompt import VAEPrompts
 
 class FullV2APTPrompts(PromptGenerator):
     """The composed generator. vae: inst_prompts of the num_prompts are instance prompts. pca_dim = m > 0: ViaPT's
-    fusion on the domain prompts (m = 0: off; history: ViaPT's rule, --viapt-history). guide: a dict of MetricGuidedPrompts options (blocks, num_classes,
-    guided_layers, num_guided, lambda_visual, ...) or None. K/V bias tuning is `enable_bias_tuning` on the backbone."""
+    fusion on the domain prompts (m = 0: off; history: ViaPT's rule, --viapt-history). guide: a dict of
+    MetricGuidedPrompts options (blocks, num_classes, guided_layers, num_guided, lambda_visual, ...) or None. K/V bias tuning is `enable_bias_tuning` on the backbone."""
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid, vae: bool = True,
                  inst_prompts: int = 5, vae_options: dict | None = None, pca_dim: int = 0, refresh: int = 25,
@@ -62,13 +62,15 @@ class FullV2APTPrompts(PromptGenerator):
         self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, **(vae_options or {}),
                               with_domain=False) if vae else None
         self.network = tuple(f"vae.{n}" for n in VAEPrompts.network) if vae else ()   # --network-lr-scale
+        self.learnt = ("domain.new.",) if pca_dim != 0 else ()                       # --viapt-learnt-lr-scale
         # --no-vae --no-vae-slots static: the instance slots stay, as VPT-Deep's prompts (the de-confounded ablation)
         self.static = DeepPrompts(inst_prompts, dim, depth, patch_size) if static else None
         if n_dom < 1:
             raise ValueError(f"no domain prompts left (--inst-prompts {inst_prompts} of --num-prompts {num_prompts}): "
                              "the PCA fusion and the guidance act on the domain prompts; lower --inst-prompts")
         self.domain = (ViaPTPrompts(n_dom, dim, depth, patch_size, grid=grid, pca_dim=pca_dim, instance=False,
-                                    refresh=refresh, history=history) if pca_dim != 0 else DeepPrompts(n_dom, dim, depth, patch_size))
+                                    refresh=refresh, history=history) if pca_dim != 0
+                       else DeepPrompts(n_dom, dim, depth, patch_size))
         self.guidance = MetricGuidedPrompts(n_dom, dim, depth, patch_size, **guide, own_prompts=False) \
             if guide else None
         self.loss_weights = {**(self.vae.loss_weights if vae else {}), **(self.guidance.loss_weights if guide else {})}

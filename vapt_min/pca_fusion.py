@@ -146,6 +146,7 @@ class InstanceEncoder(nn.Module):
 class ViaPTPrompts(PromptGenerator):
     """ViaPT as a prompt generator. pca_dim = m in [0, dim]; instance=False drops the instance branch."""
     network = ("encoder",)                          # the instance encoder (--network-lr-scale)
+    learnt = ("new.",)                              # W_i, the learnt coordinates (--viapt-learnt-lr-scale)
     samples = True                                                     # the instance prompts are drawn
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid: tuple[int, int] | int,

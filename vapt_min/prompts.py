@@ -57,6 +57,9 @@ class PromptGenerator(nn.Module):
         network       ()      names (prefixes of named_parameters) of the generator's network, as opposed to its
                               prompt tensors: V²APT's encoder and decoder, VAPT's token maps; build_optimizer gives
                               them the learning rate × --network-lr-scale
+        learnt        ()      names (prefixes) of prompt tensors that sit on a carried history (ViaPT's W_i, added to
+                              the running mean z̄): build_optimizer gives them the learning rate
+                              × --viapt-learnt-lr-scale
         diagnostics(model, x) → {}
                               method-specific numbers on images x that say whether it does its job (DA-VPT: how
                               alike unrelated tokens look where its losses compare them); printed by bench probe
@@ -69,6 +72,7 @@ class PromptGenerator(nn.Module):
     samples = False
     eval_samples = 1
     network: tuple[str, ...] = ()
+    learnt: tuple[str, ...] = ()
     targets = None
     _dropout = None                                 # PromptedViT's prompt dropout (a plain reference, not a submodule)
 
