@@ -11,6 +11,7 @@ from conftest import block_inputs, tiny_vit
 from vapt_min.metric_guidance import (ClassPromptMap, MetricGuidedPrompts, class_means, cosine_kmeans,
                                       enable_bias_tuning, mean_per_class, proxy_anchor_loss)
 from vapt_min.prompts import DeepPrompts, PromptedViT
+from vapt_min import train as T
 from vapt_min.vit import ViT
 
 P, D, L, C = 4, 48, 3, 6
@@ -178,9 +179,10 @@ def test_class_means_frozen_and_prompted():
 
 
 def guided_model(seed=0, **kw):
+    """A guided model in §3.2's query space unless `space` says otherwise (the tests of the query-space formulas)."""
     vit = tiny_vit(seed)
     torch.manual_seed(seed)
-    gen = MetricGuidedPrompts(P, D, L, 8, vit.blocks, C, **kw)
+    gen = MetricGuidedPrompts(P, D, L, 8, vit.blocks, C, **{"space": "query", **kw})
     model = PromptedViT(vit, C, gen)
     torch.nn.init.normal_(model.head.weight)
     gen.update_map(torch.randn(C, D, generator=torch.Generator().manual_seed(seed)))
@@ -227,7 +229,15 @@ def test_losses_are_the_paper_terms_averaged_over_layers():
         cls.append(proxy_anchor_loss(q(blk.norm1(seqs[i][:, 0])), ids, proxies))
     torch.testing.assert_close(aux["mg_visual"], (vis[0] + vis[1]) / 2)
     torch.testing.assert_close(aux["mg_cls"], (cls[0] + cls[1]) / 2)
-    assert gen.loss_weights == {"mg_visual": 0.1, "mg_cls": 0.1} and model.aux_weights() == gen.loss_weights
+    assert gen.loss_weights == {"mg_visual": 0.01, "mg_cls": 0.01} and model.aux_weights() == gen.loss_weights
+
+
+def test_the_defaults_are_the_official_codes_raw_space_and_weights_0_01():
+    """Chosen on validation (CIFAR-10-1k, 3 seeds, results/issue16/davpt.csv): raw space, β = λ = 0.01."""
+    gen = MetricGuidedPrompts(P, D, L, 8, tiny_vit().blocks, C)
+    assert gen.space == "raw" and gen.loss_weights == {"mg_visual": 0.01, "mg_cls": 0.01}
+    cfg = T.Config(method="davpt")
+    assert (cfg.mg_space, cfg.mg_visual, cfg.mg_cls) == ("raw", 0.01, 0.01)
 
 
 def test_attention_anchor_is_the_blocks_attention_output():

@@ -80,15 +80,16 @@ class Config:
     mg_layers: str = opt("last", "davpt: guided blocks, 'last' or comma-separated 0-based indices, e.g. 9,10,11")
     mg_prompts: int | None = opt(None, "davpt: guided prompts per guided block (G, the proxies; none = all "
                                        "num_prompts)")
-    mg_visual: float = opt(0.1, "davpt: weight (the paper's beta) of L_ML(X, P), visual anchors vs prompts")
-    mg_cls: float = opt(0.1, "davpt: weight (the paper's lambda) of L_ML(P, x_cls), CLS query vs prompts")
+    mg_visual: float = opt(0.01, "davpt: weight (the paper's beta) of L_ML(X, P), visual anchors vs prompts (0.01: the "
+                                 "official configs' usual value; 0.1 was this package's before 2026-12-01)")
+    mg_cls: float = opt(0.01, "davpt: weight (the paper's lambda) of L_ML(P, x_cls), CLS vs prompts")
     mg_alpha: float = opt(32.0, "davpt: Proxy-Anchor scale alpha")
     mg_delta: float = opt(0.1, "davpt: Proxy-Anchor margin delta")
     mg_normalise: str = opt("original", "davpt: 'original' (positive term over proxies with positives) or 'all'")
     mg_anchor: str = opt("attn", "davpt: visual anchors, 'attn' (saliency-weighted attention output, §3.3) or 'mean' "
                                  "patch token")
-    mg_space: str = opt("query", "davpt: where proxies meet anchors, query (W_q·LN(t) + b_q of the guided block, §3.2) "
-                                 "or raw (the prompts and tokens themselves, the official code)")
+    mg_space: str = opt("raw", "davpt: where proxies meet anchors, raw (the prompts and tokens themselves, the "
+                               "official code) or query (W_q·LN(t) + b_q of the guided block, §3.2's reading)")
     bias_extended: bool = opt(False, "davpt+: also tune attn.proj, mlp.fc2, norm1 and norm2 biases")
     # the full V²APT's switches
     vae: bool = opt(True, "full-v2apt: VAE instance prompts next to the domain prompts (V²APT; uses --inst-prompts, "

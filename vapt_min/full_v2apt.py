@@ -43,7 +43,8 @@ from .vae_prompt import VAEPrompts
 class FullV2APTPrompts(PromptGenerator):
     """The composed generator. vae: inst_prompts of the num_prompts are instance prompts. pca_dim = m > 0: ViaPT's
     fusion on the domain prompts (m = 0: off; history: ViaPT's rule, --viapt-history). guide: a dict of
-    MetricGuidedPrompts options (blocks, num_classes, guided_layers, num_guided, lambda_visual, ...) or None. K/V bias tuning is `enable_bias_tuning` on the backbone."""
+    MetricGuidedPrompts options (blocks, num_classes, guided_layers, num_guided, lambda_visual, ...) or None. K/V bias
+    tuning is `enable_bias_tuning` on the backbone."""
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, *, grid, vae: bool = True,
                  inst_prompts: int = 5, vae_options: dict | None = None, pca_dim: int = 0, refresh: int = 25,

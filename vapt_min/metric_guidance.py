@@ -6,19 +6,25 @@ Proxy-Anchor loss: Kim, Kim, Cho, Kwak, CVPR 2020, arXiv:2003.13911.
     Eq. (3)  p̂_k·x̂_i − δ ≥ p̂_k·x̂_j + δ          for y_k = y_i ≠ y_j: a prompt is nearer its classes' tokens
     Eq. (4)  L_ML(X, P) = 1/|P⁺| Σ_{p∈P⁺} LSE₀⁺_{x∈X_p⁺}(−α(p̂·x̂ − δ))
                         + 1/|P|  Σ_{p∈P}  LSE₀⁺_{x∈X_p⁻}(α(p̂·x̂ + δ))
-             LSE₀⁺(z) = log(1 + Σ exp z); the paper writes 1/τ for α. The prompts are the proxies, as their queries
-             W_q·LN(p) + b_q (§3.2: "comparing the projected Query vector yields better performance").
+             LSE₀⁺(z) = log(1 + Σ exp z); the paper writes 1/τ for α. The prompts are the proxies.
     Eq. (5)  L = CE + β·L_ML(X, P) + λ·L_ML(P, x_cls)      here: aux "mg_visual" (weight β), "mg_cls" (weight λ)
     §3.4     class → prompt map: cosine k-means of the per-class mean CLS into G clusters, warm-started every epoch
     §3.5     DA-VPT+: the k and v biases of every attention layer train too
 
-Our reading where the paper is silent:
+Our reading where the paper is silent or ambiguous:
+- The space where proxies meet anchors, `space="raw"` (default): the prompts and tokens themselves, as the official
+  code (its proxies are the prompt parameters). `space="query"`: after the guided block's frozen LN and query
+  projection, W_q·LN(t) + b_q (§3.2: "comparing the projected Query vector yields better performance"). Queries share
+  the frozen offset b_q + W_q·β_LN, which gives unrelated tokens a cosine far above the negative margin's −δ, so that
+  term can never be met (bench probe prints both spaces' cosines). The weights β = λ = 0.01, as most official configs
+  (0.1 before 2026-12-01). Chosen on validation, CIFAR-10-1k, 20 epochs, seeds 0-2 (RESULTS.md, issue 16): raw with
+  0.01 ended at 82.5 % mean validation accuracy against 81.3 % for query with 0.1 (VPT-Deep 82.3 %).
 - Anchors of L_ML(X, P) (§3.3), `anchor="attn"` (default): the attention output at the N patch positions of the guided
   block, averaged per image. mean_i Σ_j a_ij v_j = Σ_j s_j v_j with s_j the mean attention patch j receives: a
   saliency-weighted pooling of the patches, got without materialising the attention map (the paper's reason, §3.3),
   so background patches weigh little. `anchor="mean"`: the plain mean of the patch tokens entering the block, every
   patch equal: the "false positive" tokens §3.3 wants filtered out count fully. One anchor per image either way.
-- L_ML(P, x_cls): the CLS query W_q·LN(x_cls) + b_q against the same proxies (the guided prompts' queries).
+- L_ML(P, x_cls): the CLS token against the same proxies, in the same space (its query W_q·LN(x_cls) + b_q there).
 - Layers: `guided_layers` are block indices i (0-based); the prompts entering block i are guided there. Default: the
   last block (§5.3.2: the final layer is best in most cases). The first G prompts of a guided layer are the proxies.
 
@@ -242,9 +248,9 @@ class MetricGuidedPrompts(PromptGenerator):
     """
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, blocks, num_classes: int, *,
-                 guided_layers=None, num_guided: int | None = None, lambda_visual: float = 0.1,
-                 lambda_cls: float = 0.1, alpha: float = 32.0, delta: float = 0.1, normalise: str = "original",
-                 anchor: str = "attn", seed: int = 0, own_prompts: bool = True, space: str = "query"):
+                 guided_layers=None, num_guided: int | None = None, lambda_visual: float = 0.01,
+                 lambda_cls: float = 0.01, alpha: float = 32.0, delta: float = 0.1, normalise: str = "original",
+                 anchor: str = "attn", seed: int = 0, own_prompts: bool = True, space: str = "raw"):
         super().__init__()
         guided_layers = tuple(sorted(set((depth - 1,) if guided_layers is None else guided_layers)))
         num_guided = num_prompts if num_guided is None else num_guided
