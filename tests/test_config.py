@@ -147,7 +147,8 @@ def test_load_run_rejects_a_checkpoint_of_another_method(tmp_path):
 def test_network_lr_scale_gives_the_generator_network_its_own_learning_rate(method, network):
     from vapt_min.build import build_model, build_optimizer
     from vapt_min.vit import ViT, parse_name
-    cfg = T.config_from_args(["--method", method, "--network-lr-scale", "10", "--lr", "2e-3"])
+    one = ["--viapt-learnt-lr-scale", "1"] if method in ("viapt", "full-v2apt") else []   # the network's group alone
+    cfg = T.config_from_args(["--method", method, "--network-lr-scale", "10", "--lr", "2e-3", *one])
     with torch.device("meta"):
         model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -157,7 +158,7 @@ def test_network_lr_scale_gives_the_generator_network_its_own_learning_rate(meth
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {names[id(p)] for g in groups for p in g["params"]} == trainable          # every one, once
     assert sum(len(g["params"]) for g in groups) == len(trainable)
-    plain = build_optimizer(T.config_from_args(["--method", method]), model).param_groups   # scale 1: one group
+    plain = build_optimizer(T.config_from_args(["--method", method, *one]), model).param_groups   # scale 1: one group
     assert len(plain) == 1 and len(plain[0]["params"]) == len(trainable)
 
 
@@ -183,7 +184,7 @@ def test_viapt_learnt_lr_scale_steps_the_learnt_coordinates_alone(args, learnt):
     --network-lr-scale too, three groups."""
     from vapt_min.build import build_model, build_optimizer
     from vapt_min.vit import ViT, parse_name
-    cfg = T.config_from_args([*args, "--viapt-learnt-lr-scale", "10", "--network-lr-scale", "3"])
+    cfg = T.config_from_args([*args, "--viapt-learnt-lr-scale", "10", "--network-lr-scale", "3"])   # (default: 30)
     with torch.device("meta"):
         model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -195,6 +196,23 @@ def test_viapt_learnt_lr_scale_steps_the_learnt_coordinates_alone(args, learnt):
 
 
 def test_viapt_learnt_lr_scale_is_refused_without_a_carried_history():
-    for args in (["--method", "vpt-deep"], ["--method", "full-v2apt", "--no-pca"], ["--viapt-learnt-lr-scale", "0"]):
-        with pytest.raises(ValueError, match="--viapt-learnt-lr-scale"):
-            T.validate(T.config_from_args([*args, "--viapt-learnt-lr-scale", args[-1] if args[-1] == "0" else "10"]))
+    for args in (["--method", "vpt-deep"], ["--method", "full-v2apt", "--no-pca"], ["--method", "viapt", "--pca-dim",
+                 "0"], ["--method", "viapt", "--pca-dim", "192"]):
+        with pytest.raises(ValueError, match="--viapt-learnt-lr-scale 10.0: .* no learnt coordinates"):
+            T.validate(T.config_from_args([*args, "--viapt-learnt-lr-scale", "10"]))
+        T.validate(T.config_from_args(args))                     # the default is ignored where nothing is carried
+    with pytest.raises(ValueError, match="--viapt-learnt-lr-scale must be > 0"):
+        T.validate(T.config_from_args(["--method", "viapt", "--viapt-learnt-lr-scale", "0"]))
+
+
+def test_viapt_default_steps_the_learnt_coordinates_30_times_faster_only_on_a_carried_history():
+    """The default (chosen on validation, results/issue16/viapt.csv): W_i at lr × 30 for 0 < m < d; at m = 0 ViaPT's
+    W_i are VPT-Deep's prompts and keep one learning rate, so the corner trains as VPT-Deep does."""
+    from vapt_min.build import build_model, build_optimizer
+    from vapt_min.vit import ViT, parse_name
+    for m, groups in ((32, 2), (0, 1)):
+        cfg = T.config_from_args(["--method", "viapt", "--pca-dim", str(m)])
+        with torch.device("meta"):
+            model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
+        lrs = [g["lr"] for g in build_optimizer(cfg, model).param_groups]
+        assert lrs == [1e-3, pytest.approx(3e-2)][:groups]

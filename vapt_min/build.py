@@ -107,9 +107,11 @@ def validate(cfg: Config) -> Config:
     if cfg.network_lr_scale != 1 and not (model.generator is not None and model.generator.network):
         raise ValueError(f"invalid config: --network-lr-scale {cfg.network_lr_scale}: --method {cfg.method} has no "
                          "generator network (only prompt tensors): drop it")
-    if cfg.viapt_learnt_lr_scale != 1 and not (model.generator is not None and model.generator.learnt):
+    given = cfg.viapt_learnt_lr_scale != Config.viapt_learnt_lr_scale    # the default is ignored where unused
+    if given and not (model.generator is not None and model.generator.learnt):
         raise ValueError(f"invalid config: --viapt-learnt-lr-scale {cfg.viapt_learnt_lr_scale}: --method {cfg.method}"
-                         " has no learnt coordinates on a carried history (viapt, or full-v2apt with --pca): drop it")
+                         " has no learnt coordinates on a carried history (viapt or full-v2apt with --pca, at "
+                         "0 < --pca-dim < width): drop it")
     if cfg.eval_samples != 1 and not (model.generator is not None and model.generator.samples):
         raise ValueError(f"invalid config: --eval-samples {cfg.eval_samples} averages sampled prompts, which --method "
                          f"{cfg.method}{' --no-vae' if cfg.method == 'full-v2apt' else ''} never draws: drop it")
@@ -165,7 +167,7 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     # (--viapt-learnt-lr-scale) at lr × their scale, everything else at lr
     scale = {}
     for attr, s in (("network", cfg.network_lr_scale), ("learnt", cfg.viapt_learnt_lr_scale)):
-        if s != 1:
+        if s != 1 and model.generator is not None:
             prefixes = getattr(model.generator, attr)
             scale.update({id(p): s for n, p in model.generator.named_parameters() if n.startswith(prefixes)})
     if scale:

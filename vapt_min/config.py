@@ -65,9 +65,10 @@ class Config:
     viapt_instance: bool = opt(True, "viapt: the instance branch (encoder, sampled prompts fused into block 0's)")
     inst_pca_dim: int = opt(16, "viapt: principal directions k of the instance prompts kept in the fusion")
     pca_refresh: int = opt(25, "viapt: recompute the running principal directions every this many steps")
-    viapt_learnt_lr_scale: float = opt(1.0, "viapt (and the full V²APT's PCA fusion): learning-rate multiplier for "
-                                            "the learnt coordinates W_i of the blocks after the first, which sit on "
-                                            "the running mean z̄ (several times their norm)")
+    viapt_learnt_lr_scale: float = opt(30.0, "viapt (and the full V²APT's PCA fusion), 0 < m < d: learning-rate "
+                                             "multiplier for the learnt coordinates W_i of the blocks after the "
+                                             "first, which sit on the carried history (10-17x their norm); 1: the "
+                                             "package before 2026-12-01")
     viapt_history: str = opt("mean", "viapt: the history of blocks after the first, mean (z̄ + (Z − z̄) V_m V_mᵀ) or "
                                      "centred ((Z − z̄) V_m V_mᵀ: PCA's centred scores, the summary's literal reading)")
     # VAPT

@@ -63,7 +63,7 @@ class FullV2APTPrompts(PromptGenerator):
         self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, **(vae_options or {}),
                               with_domain=False) if vae else None
         self.network = tuple(f"vae.{n}" for n in VAEPrompts.network) if vae else ()   # --network-lr-scale
-        self.learnt = ("domain.new.",) if pca_dim != 0 else ()                       # --viapt-learnt-lr-scale
+        self.learnt = ("domain.new.",) if 0 < pca_dim < dim else ()                  # --viapt-learnt-lr-scale
         # --no-vae --no-vae-slots static: the instance slots stay, as VPT-Deep's prompts (the de-confounded ablation)
         self.static = DeepPrompts(inst_prompts, dim, depth, patch_size) if static else None
         if n_dom < 1:
