@@ -42,3 +42,13 @@ def test_prompt_map_is_a_cosine_similarity_per_patch():
     model = model_with(DeepPrompts(4, 48, 3, 8))
     m = prompt_map(model, torch.randn(2, 3, 32, 32))
     assert m.shape == (3, 2, 4, 4) and (m.abs() <= 1 + 1e-6).all()
+
+
+def test_plot_sweep_ticks_every_value_on_a_symlog_axis():
+    import matplotlib
+    matplotlib.use("Agg")
+    from vapt_min.plots import plot_sweep
+    fig = plot_sweep([0, 1, 4, 32, 192], {"test acc (%)": {"a": [80, 65, 67, 67, 71]}}, "m", symlog=True)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog" and [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "4", "32", "192"]
+    assert ax.get_xlabel() == "m" and ax.get_ylabel() == "test acc (%)"

@@ -214,14 +214,17 @@ def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: fl
     return fig
 
 
-def plot_sweep(x, panels: dict[str, dict[str, list]], xlabel: str):
+def plot_sweep(x, panels: dict[str, dict[str, list]], xlabel: str, symlog: bool = False):
     """Values against one knob (e.g. ViaPT's m), one panel per entry of `panels`: y-label → {line label → values at
-    x}. Every x value gets a tick, so the runs of the sweep are easy to read off."""
+    x}. Every x value gets a tick, so the runs of the sweep are easy to read off. symlog: a log x axis that keeps 0
+    (linear below 1), for knobs swept as 0, 1, 4, 32, 192."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, (ylabel, lines) in zip(axes[0], panels.items()):
         for label, ys in lines.items():
             ax.plot(x, ys, marker="o", ms=4, label=label)
-        ax.set_xticks(list(x))
+        if symlog:
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(list(x), [f"{v:g}" for v in x])
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:g}")  # 25,000; 0.35
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
