@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import dataclasses
 import json
 import math
@@ -228,7 +229,6 @@ def probe_runs(run_dirs, batch_size: int = 64, which: str = "last", csv_path=Non
             f", {k} {v:.3g} ({r['balance'][k + '_weighted']:.3g})" for k, v in r["balance"].items()
             if k not in ("epoch", "ce") and not k.endswith("_weighted"))}))
     if csv_path is not None:
-        import csv
         with open(csv_path, "w", newline="") as f:
             w = csv.DictWriter(f, PROBE_CSV)
             w.writeheader()
@@ -264,7 +264,6 @@ def curves(run_dirs, keys, png=None, csv_path=None, labels=None) -> dict[str, li
         known = sorted({k for rows in runs.values() for r in rows for k in r})
         raise ValueError(f"--keys {' '.join(missing)}: no run logged it; metrics.jsonl has {', '.join(known)}")
     if csv_path is not None:
-        import csv
         with open(csv_path, "w", newline="") as f:
             w = csv.DictWriter(f, ["run", "epoch", *keys])
             w.writeheader()

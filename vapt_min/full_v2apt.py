@@ -63,7 +63,6 @@ class FullV2APTPrompts(PromptGenerator):
         self.vae = VAEPrompts(num_prompts, inst_prompts, dim, depth, patch_size, **(vae_options or {}),
                               with_domain=False) if vae else None
         self.network = tuple(f"vae.{n}" for n in VAEPrompts.network) if vae else ()   # --network-lr-scale
-        self.learnt = ("domain.new.",) if 0 < pca_dim < dim else ()                  # --viapt-learnt-lr-scale
         # --no-vae --no-vae-slots static: the instance slots stay, as VPT-Deep's prompts (the de-confounded ablation)
         self.static = DeepPrompts(inst_prompts, dim, depth, patch_size) if static else None
         if n_dom < 1:
@@ -72,6 +71,7 @@ class FullV2APTPrompts(PromptGenerator):
         self.domain = (ViaPTPrompts(n_dom, dim, depth, patch_size, grid=grid, pca_dim=pca_dim, instance=False,
                                     refresh=refresh, history=history) if pca_dim != 0
                        else DeepPrompts(n_dom, dim, depth, patch_size))
+        self.learnt = tuple(f"domain.{n}" for n in self.domain.learnt)        # ViaPT's rule (--viapt-learnt-lr-scale)
         self.guidance = MetricGuidedPrompts(n_dom, dim, depth, patch_size, **guide, own_prompts=False) \
             if guide else None
         self.loss_weights = {**(self.vae.loss_weights if vae else {}), **(self.guidance.loss_weights if guide else {})}
