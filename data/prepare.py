@@ -1,6 +1,6 @@
 """Lay out vapt_min's data folder, from a local copy or from the internet.
 
-    python data/prepare.py --from ../shared/data [--root data] [--only cifar10,mnist,weights]
+    python data/prepare.py --from ../shared/data [--root data] [--only cifar10,mnist,weights,structured]
     python data/prepare.py --download            [--root data] [--only ...]
 
 Result under the data root (default: $VAPT_MIN_DATA, else <repo>/data):
@@ -8,11 +8,13 @@ Result under the data root (default: $VAPT_MIN_DATA, else <repo>/data):
     cifar10/{train,test}/<class>/NNNN.jpg, cifar10/classes.txt
     mnist/mnist.npz                          x_train (60000, 28, 28), y_train, x_test (10000, 28, 28), y_test
     weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k/{model.safetensors, config.json, imagenet1k_class_names.txt}
+    structured/struct-{count,position,orientation}-seed0-v1.npz   rendered here, not copied (vapt_min/structured.py)
 
 Idempotent: a part that is already complete (file counts, checksums) is skipped. With --from, files are
 checked against the source's SHA256SUMS when it has one. Only the files named above are read from the
 source: anything else in it (e.g. imagenet_samples/) is never copied. --from needs only the standard
-library; --download needs torchvision and timm.
+library (plus numpy for the structured tasks, which are rendered, never copied); --download needs torchvision
+and timm.
 """
 import argparse
 import hashlib
@@ -25,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-PARTS = ("cifar10", "mnist", "weights")
+PARTS = ("cifar10", "mnist", "weights", "structured")
 CIFAR_ZIPS = ("test.zip", "train_a.zip", "train_b.zip")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 WEIGHT_FILES = ("model.safetensors", "config.json", "imagenet1k_class_names.txt")
@@ -202,6 +204,14 @@ def weights_download(root: Path) -> None:
     print(f"  write {out}/{{{', '.join(WEIGHT_FILES)}}}")
 
 
+# ------------------------------------------------------------------------------------- structured
+def structured_render(root: Path) -> None:
+    """The three structured tasks, rendered from seed 0 (two processes; about 40 s on 2 cores)."""
+    sys.path.insert(0, str(REPO))  # run as a script: make the package importable (it needs only numpy here)
+    from vapt_min import structured
+    structured.ensure_all(root, workers=2)
+
+
 # --------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Lay out vapt_min's data folder.")
@@ -226,7 +236,9 @@ def main(argv=None) -> None:
         print(f"source: {src} ({'checking against SHA256SUMS' if sums else 'no SHA256SUMS, not verified'})")
     for part in parts:
         print(f"[{part}]")
-        if args.download:
+        if part == "structured":  # same on both routes: nothing to fetch
+            structured_render(root)
+        elif args.download:
             {"cifar10": cifar10_download, "mnist": mnist_download, "weights": weights_download}[part](root)
         elif part == "cifar10":
             cifar10_from(src, root, sums)

@@ -196,7 +196,7 @@ def test_vtab_folder_uses_official_lists(tmp_path):
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ValueError, match="cifar10, mnist, folder:<path>, vtab:<name>"):
+    with pytest.raises(ValueError, match="cifar10, mnist, struct-count, struct-position, struct-orientation, folder:<path>, vtab:<name>"):
         load_source("imagenet")
 
 
@@ -261,7 +261,7 @@ def fake_source(tmp_path):
 
 def test_prepare_lays_out_and_is_idempotent(fake_source, tmp_path):
     out = tmp_path / "out"
-    first = run_prepare("--from", str(fake_source), "--root", str(out))
+    first = run_prepare("--from", str(fake_source), "--root", str(out), "--only", "cifar10,mnist,weights")
     assert first.returncode == 0, first.stderr
     assert "extract 5 train images" in first.stdout
     weights = out / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -271,7 +271,7 @@ def test_prepare_lays_out_and_is_idempotent(fake_source, tmp_path):
     assert src.classes == ["cat", "dog"] and sorted(src.train.labels) == [0, 0, 1, 1, 1]
     assert len(load_source("mnist", root=out).train) == 4
 
-    again = run_prepare("--from", str(fake_source), "--root", str(out))
+    again = run_prepare("--from", str(fake_source), "--root", str(out), "--only", "cifar10,mnist,weights")
     assert again.returncode == 0, again.stderr
     assert "extract" not in again.stdout and "copy" not in again.stdout and again.stdout.count("skip") == 6
 

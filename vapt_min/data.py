@@ -8,8 +8,10 @@ dataset one shape so that the rest of the package never branches on where images
     make_splits(source, ...)     -> {"train", "val", "test"}                  # seeded subsets, same ids
     build_transform(S, mean, std) : PIL image -> (3, S, S) float tensor
 
-Datasets: "cifar10" and "mnist" (laid out by `data/prepare.py`), "folder:<path>" (any ImageFolder with
-train/ and test/), "vtab:<name>" (NOAH-style VTAB-1k lists under <root>/vtab-1k/<name>/).
+Datasets: "cifar10" and "mnist" (laid out by `data/prepare.py`), the structured tasks "struct-count",
+"struct-position", "struct-orientation" (rendered from a seed by `structured.py`, cached under <root>/structured/),
+"folder:<path>" (any ImageFolder with train/ and test/), "vtab:<name>" (NOAH-style VTAB-1k lists under
+<root>/vtab-1k/<name>/).
 Every loader returns RGB, so grayscale MNIST goes through the same 3-channel patch embedding.
 """
 from __future__ import annotations
@@ -23,8 +25,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from . import structured
+
 DATA_ENV = "VAPT_MIN_DATA"
-DATASETS = ("cifar10", "mnist")  # plus the prefixed forms "folder:<path>" and "vtab:<name>"
+DATASETS = ("cifar10", "mnist", *structured.TASKS)  # plus the prefixed forms "folder:<path>" and "vtab:<name>"
 PROTOCOLS = ("vtab1k", "shots", "percent", "full")
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "trainval": "train800val200.txt", "test": "test.txt"}
@@ -196,6 +200,10 @@ def load_source(name: str, root=None, download: bool = False) -> Source:
         return _cifar10(root, download)
     if name == "mnist":
         return _mnist(root, download)
+    if name in structured.TASKS:  # rendered on first use (data/prepare.py renders them ahead)
+        z = structured.load(name, root)
+        return Source(name, structured.CLASSES[name], _array_samples(z["x_train"], z["y_train"]),
+                      _array_samples(z["x_test"], z["y_test"]))
     if name.startswith("folder:") and name[len("folder:"):]:
         return _folder_source(name, pathlib.Path(name[len("folder:"):]).expanduser().resolve())
     if name.startswith("vtab:") and name[len("vtab:"):]:
