@@ -120,3 +120,69 @@ def test_each_lesson_states_the_time_the_readme_measured():
         first = "".join(json.loads(nb.read_text())["cells"][0]["source"])
         stated = re.findall(r"CPU time: about ([\d.]+) minutes on 2 quiet cores", first)
         assert stated == [table.group(1)], f"{nb.stem}: the first cell says {stated}, the README {table.group(1)} min"
+
+
+# Times that are true. `train` prints each run's wall time (its table's `wall s` column, and seconds per
+# epoch): a time of the machine that executed the notebook and of its load, which nbval ignores. So the prose never
+# estimates a training time of its own: next to each training cell it states what the saved outputs below print,
+# "the saved outputs below took about N s of training", and this test holds the two together. The only other time in a
+# lesson is its first cell's, the README's measurement on 2 quiet cores (the test above), which the prose may quote as
+# "the whole lesson's N minutes on 2 quiet cores".
+SAVED_TIME = re.compile(r"saved outputs below took about ([\d.]+) (s|min) of training")
+STATED_TIME = re.compile(r"CPU time: about ([\d.]+) minutes on 2 quiet cores")
+QUOTED_TIME = re.compile(r"the whole\s+lesson's ([\d.]+) minutes on 2 quiet cores")
+TIME_CLAIM = re.compile(r"(?i)\b(?:\d[\d.,]*|an?|one|two|three|few|several)\s+(?:minutes?|min|seconds?|s)\b")
+OTHER_TIMES = {  # (lesson, the claim) → why it is not a time of this notebook's cells
+    ("01_vpt_shallow", "several\n   minutes"): "exercise 4: a 20-epoch run the lesson does not execute",
+}
+
+
+def printed_wall_s(out: str) -> list[float]:
+    """The `wall s` column of every results table that `train` printed (runs.results_table)."""
+    walls, lines = [], out.splitlines()
+    for k, line in enumerate(lines):
+        if line.startswith("|") and line.rstrip().endswith("| wall s |"):
+            for row in lines[k + 2:]:
+                if not row.startswith("|"):
+                    break
+                walls.append(float(row.rstrip(" |").rsplit("|", 1)[1]))
+    return walls
+
+
+def training_sections(nb: Path):
+    """(index, markdown text, the seconds of training its code cells print) for each markdown cell and the code cells
+    up to the next markdown cell."""
+    sections = []
+    for i, c in enumerate(json.loads(nb.read_text())["cells"]):
+        if c["cell_type"] == "markdown":
+            sections.append([i, "".join(c["source"]), 0.0])
+        elif sections:
+            sections[-1][2] += sum(printed_wall_s("".join("".join(o.get("text", "")) for o in c.get("outputs", []))))
+    return sections
+
+
+@pytest.mark.parametrize("nb", LESSONS, ids=lambda p: p.stem)
+def test_prose_states_the_training_time_the_saved_outputs_print(nb):
+    wrong, sections = [], training_sections(nb)
+    stated_lesson = STATED_TIME.findall(sections[0][1])
+    for i, md, printed in sections:
+        stated = [float(v) * (60 if unit == "min" else 1) for v, unit in SAVED_TIME.findall(md)]
+        if printed and not stated:
+            wrong.append(f"cell {i}: the cells after it print {printed:.0f} s of training; say so there, "
+                         f"'the saved outputs below took about {printed:.0f} s of training'")
+        elif stated and abs(stated[0] - printed) > 0.05 * printed + 3:
+            wrong.append(f"cell {i} says {stated[0]:.0f} s of training, the cells after it print {printed:.0f} s")
+        wrong += [f"cell {i} quotes the whole lesson's {q} minutes, the first cell says {stated_lesson}"
+                  for q in QUOTED_TIME.findall(md) if [q] != stated_lesson]
+        prose = QUOTED_TIME.sub("", SAVED_TIME.sub("", STATED_TIME.sub("", md)))
+        wrong += [f"cell {i}: {m[0]!r} is a time no test checks: state the saved outputs' time, or list it in "
+                  "OTHER_TIMES with the reason" for m in TIME_CLAIM.finditer(prose)
+                  if (nb.stem, m[0]) not in OTHER_TIMES]
+    assert not wrong, f"{nb.name}: " + "; ".join(wrong)
+
+
+def test_every_listed_time_exists():
+    for lesson, claim in OTHER_TIMES:
+        md = [c for c in json.loads((LESSONS[0].parent / f"{lesson}.ipynb").read_text())["cells"]
+              if c["cell_type"] == "markdown" and claim in "".join(c["source"])]
+        assert len(md) == 1, f"{lesson}: {len(md)} markdown cells contain {claim!r}"
