@@ -59,3 +59,42 @@ def test_check_band_records_instead_of_stopping_when_asked(monkeypatch, tmp_path
     monkeypatch.delenv(scale.RECORD)
     with pytest.raises(AssertionError, match="outside the band"):
         scale.check_band("test accuracy", 0.70, saved=0.82, tol=0.04)
+
+
+def test_lesson_run_trains_once_per_configuration_and_package(tmp_path, monkeypatch):
+    import json
+    import vapt_min.train as vtrain
+    calls = []
+
+    def fake_train(cfg):
+        calls.append(cfg)
+        summary = {"method": cfg.method, "test_acc": 0.5, "run_dir": cfg.out}
+        from pathlib import Path
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary))
+        return summary
+    monkeypatch.setattr(vtrain, "train", fake_train)
+    monkeypatch.delenv(scale.ENV, raising=False)
+    runs = tmp_path / "runs"
+    first = scale.lesson_run(runs, method="linear", **CPU)
+    again = scale.lesson_run(runs, method="linear", **CPU)                  # lesson 02 after lesson 01: loaded
+    assert len(calls) == 1 and again == first and first["run_dir"].startswith(str(runs / "linear-"))
+    scale.lesson_run(runs, method="linear", **{**CPU, "epochs": 5})          # another budget: its own run
+    assert len(calls) == 2
+    cut = runs / f"vpt-deep-{scale.run_key(dict(method='vpt-deep', **CPU))}"
+    cut.mkdir()
+    (cut / "metrics.jsonl").write_text("{}\n")                             # cut short: no summary.json
+    scale.lesson_run(runs, method="vpt-deep", **CPU)
+    assert len(calls) == 3 and (cut / "summary.json").is_file() and not (cut / "metrics.jsonl").exists()  # fresh
+    with pytest.raises(ValueError, match="chooses the run folder"):
+        scale.lesson_run(runs, method="linear", out="mine", **CPU)
+
+
+def test_run_key_names_the_options_and_the_package_source(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(scale, "__file__", str(tmp_path / "scale.py"))
+    key = scale.run_key({"method": "linear", "epochs": 4})
+    assert key == scale.run_key({"epochs": 4, "method": "linear"}) and len(key) == 12
+    assert key != scale.run_key({"method": "linear", "epochs": 5})
+    (tmp_path / "a.py").write_text("x = 2\n")                              # the package changed: a new run
+    assert key != scale.run_key({"method": "linear", "epochs": 4})

@@ -63,3 +63,37 @@ def check_band(what: str, value, saved, tol: float):
         raise AssertionError(f"{what}: {off[0][0]:.4g} is outside the band {off[0][1]:.4g} ± {tol:g} of the saved run "
                              f"({len(off)} of {len(values)} values): a regression, or a change that needs the lesson "
                              "re-executed and its bands re-set")
+
+
+def run_key(options: dict) -> str:
+    """12 hex digits naming one configuration under one version of the package: the options (sorted) and the bytes
+    of every vapt_min/*.py file, so an edited method never reads a run trained by the old code."""
+    import hashlib
+    import json
+    import pathlib
+    h = hashlib.sha256(json.dumps({"scale": scale(), **options}, sort_keys=True, default=str).encode())
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def lesson_run(root=None, **options) -> dict:
+    """train(Config(**options)) once per configuration: the run lands in <repo>/runs/lessons/<method>-<key>/ and a later
+    call with the same options and package (another lesson, a re-run) reads its summary.json instead of training again.
+    Lessons 01 and 02 train the same linear probe and VPT-Shallow: the second one to run loads them. A run cut short
+    (no summary.json) is trained again from scratch."""
+    import json
+    import pathlib
+    import shutil
+    from .train import Config, train
+    if "out" in options:
+        raise ValueError("lesson_run chooses the run folder itself; call train(Config(out=...)) for a folder of yours")
+    root = pathlib.Path(root) if root is not None else pathlib.Path(__file__).resolve().parents[1] / "runs" / "lessons"
+    out = root / f"{options.get('method', 'vpt-deep')}-{run_key(options)}"
+    if (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"{summary['method']}: loaded the finished run {out} (same options, same package), not trained again")
+        return summary
+    if out.exists():
+        shutil.rmtree(out)
+    return train(Config(out=str(out), **options))
