@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 
 LESSONS = sorted((Path(__file__).resolve().parents[1] / "lessons").glob("*.ipynb"))
+# The exercise solutions (lessons/solutions/NN_solutions.ipynb) follow the same STYLE 10 rules, so the two output tests
+# below cover them too; they need no entry in EXACT or UNCHECKED (their compared cells print counts and booleans, and
+# every ignored cell asserts). The time tests deliberately leave them out: the solutions are not rows of the README's
+# lesson table, and their prose states no training time (their runs are a few steps, to show the procedure).
+SOLUTIONS = sorted((LESSONS[0].parent / "solutions").glob("*_solutions.ipynb"))
 NUMBER = re.compile(r"(?<![\w.])\d+\.\d+|\d+(\.\d+)?\s?%")
 
 EXACT = {  # (lesson, a line of the cell) → why its printed digits cannot drift
@@ -83,7 +88,7 @@ def listed(table: dict, lesson: str, src: str):
     return [key for key in table if key[0] == lesson and key[1] in src]
 
 
-@pytest.mark.parametrize("nb", LESSONS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("nb", LESSONS + SOLUTIONS, ids=lambda p: p.stem)
 def test_compared_cells_print_only_digits_the_code_proves(nb):
     unexplained = [(i, src.splitlines()[0], NUMBER.search(out)[0]) for i, src, out in code_cells(nb)
                    if "NBVAL_IGNORE_OUTPUT" not in src and NUMBER.search(out) and not listed(EXACT, nb.stem, src)]
@@ -92,7 +97,7 @@ def test_compared_cells_print_only_digits_the_code_proves(nb):
                              f"proves their digits, list them in EXACT with the reason: {unexplained}")
 
 
-@pytest.mark.parametrize("nb", LESSONS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("nb", LESSONS + SOLUTIONS, ids=lambda p: p.stem)
 def test_ignored_cells_still_check_something(nb):
     silent = [(i, src.splitlines()[1] if "\n" in src else src) for i, src, _ in code_cells(nb)
               if "NBVAL_IGNORE_OUTPUT" in src and not re.search(r"\bassert\b|assert_close|check_band\(", src)
