@@ -1,11 +1,14 @@
 """The benchmarks run end to end on tiny configurations and print well-formed tables: speed on random weights,
 infer on a real run trained for a few steps."""
+import csv
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ import torch
 from conftest import need
 from vapt_min import train as T
 from vapt_min.bench import infer, main, speed
+from vapt_min import grid as G
+from vapt_min import runner
 from vapt_min.grid import accuracy, read_results
 from vapt_min.data import data_root
 
@@ -119,10 +124,13 @@ def test_accuracy_grid_runs_resumes_and_reports(real, tmp_path, capsys):
                for r in rows if r["label"] == "vpt-deep")
     assert all(r["val_acc_own"] == r["mi_bits_val"] == "" for r in rows if r["label"] == "linear")
     md = (tmp_path / "res" / "results.md").read_text().splitlines()
-    assert md[-4].startswith("| method | trainable params | trainable % | cifar | cifar-2shot |")
+    top = next(i for i, l in enumerate(md) if l.startswith("| method |"))
+    assert md[top].startswith("| method | trainable params | trainable % | cifar | cifar-2shot |")
     lin = [r for r in rows if r["label"] == "linear" and r["task"] == "cifar"]
     mean = 100 * sum(r["test_acc"] for r in lin) / 2
-    assert md[-2].startswith(f"| linear | 1,930 | ") and f"{mean:.1f} ± " in md[-2]
+    assert md[top + 2].startswith(f"| linear | 1,930 | ") and f"{mean:.1f} ± " in md[top + 2]
+    assert any(l.startswith("| cifar | linear | 2 | 0.001 |") for l in md)   # the paired table, from paired.csv
+    assert (tmp_path / "res" / "paired.csv").read_text().startswith("task,method,n_seeds,lr,mean_acc,mean_diff,")
     assert (tmp_path / "res" / "accuracy_vs_params.png").stat().st_size > 10_000
 
     # Again, without the broken entry: nothing re-runs, nothing is appended twice; a run cut before its first epoch
@@ -208,3 +216,188 @@ def test_curves_write_a_figure_and_a_csv_and_name_a_missing_key(tmp_path, capsys
         main(["curves", str(tmp_path / "a"), "--keys", "kl"])
     assert e.value.code == 2 and "--keys kl: no run logged it; metrics.jsonl has ce, epoch, mg_cls, val_acc" in \
         capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- issue 17: selection, pairing, the second column
+TINY_RUN = ["--weights", "random", "--img-size", "32", "--n-train", "20", "--n-val", "10", "--test-cap", "20",
+            "--batch-size", "10", "--epochs", "2", "--warmup-epochs", "1", "--no-progress"]
+
+
+def refuse(key):
+    raise RuntimeError(f"test image {key!r} was read")
+
+
+def trap_test_split(monkeypatch):
+    """Every split's test images raise when read: any evaluation on test (or a look at one image) fails."""
+    from vapt_min import data as D
+    make_splits = D.make_splits
+
+    def trapped(*a, **k):
+        splits = make_splits(*a, **k)
+        splits["test"] = D.Samples(splits["test"].items, refuse)
+        return splits
+    monkeypatch.setattr(D, "make_splits", trapped)
+
+
+def test_no_eval_test_never_reads_the_test_split(real, tmp_path, monkeypatch):
+    trap_test_split(monkeypatch)
+    with pytest.raises(RuntimeError, match="test image"):   # the trap works: an ordinary run reads the test split
+        T.train(T.config_from_args([*TINY_RUN, "--out", str(tmp_path / "a")]))
+    s = T.train(T.config_from_args([*TINY_RUN, "--no-eval-test", "--out", str(tmp_path / "b")]))
+    assert s["test_acc"] is None and s["best_val_test_acc"] is None and 0 <= s["last_val_acc"] <= 1
+    assert s["lr"] == 1e-3
+    assert not any("test_acc" in json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_the_second_column_is_the_best_validation_checkpoint_on_test(real, tmp_path):
+    from vapt_min.build import build_data, build_loaders, use_bf16
+    out = tmp_path / "r"
+    # the real weights: load_run rebuilds the backbone from them (random ones would be drawn anew)
+    s = T.train(T.config_from_args([*TINY_RUN, "--weights", "auto", "--epochs", "3", "--out", str(out)]))
+    assert s["best_epoch"] < 3, "the best-validation checkpoint must be an earlier epoch's for this test to bite"
+    for which, key in (("best", "best_val_test_acc"), ("last", "test_acc")):
+        model, cfg = T.load_run(out, which)
+        _, splits = build_data(cfg, model.vit.pretrained_cfg)
+        dev = torch.device("cpu")
+        assert T.evaluate(model, build_loaders(cfg, splits)[2], dev, use_bf16(cfg, dev)) == s[key], which
+
+
+def test_a_seed_fixes_split_and_batch_order_for_every_method(real, tmp_path, monkeypatch):
+    """The pairing's premise: the same seed gives every method the same training and validation images and the same
+    batches in the same order, whatever the method draws from the global RNG (V²APT's samples, DA-VPT's hook); and a
+    larger --n-val (the selection's) keeps the training images and extends the validation set."""
+    from vapt_min.build import build_data
+    batches = []
+    step = T.train_step
+
+    def spy(net, opt, x, y, *a, **k):
+        batches[-1].append((y.tolist(), x.double().sum().item()))
+        return step(net, opt, x, y, *a, **k)
+    monkeypatch.setattr(T, "train_step", spy)
+
+    def run(method, seed):
+        batches.append([])
+        T.train(T.config_from_args([*TINY_RUN, "--method", method, "--seed", str(seed),
+                                    "--out", str(tmp_path / f"{method}-{seed}")]))
+        return batches[-1]
+    deep = run("vpt-deep", 0)
+    assert len(deep) == 4 and all(run(m, 0) == deep for m in ("linear", "v2apt", "davpt", "full"))
+    assert run("vpt-deep", 1) != deep
+    norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
+    items = lambda *o: {k: v.items for k, v in build_data(T.config_from_args([*TINY_RUN, *o]), norm)[1].items()}
+    a, b, big = items("--method", "vpt-deep"), items("--method", "vapt"), items("--n-val", "30", "--no-eval-test")
+    assert a == b and big["train"] == a["train"] and big["val"][:10] == a["val"] and len(big["val"]) == 30
+    assert "test" not in big
+
+
+TRAP = '''import os, sys
+from vapt_min import data, train
+
+def refuse(key):
+    raise RuntimeError(f"a selection run read test image {key!r}")
+
+make_splits = data.make_splits
+
+def trapped(*a, **k):
+    splits = make_splits(*a, **k)
+    splits["test"] = data.Samples(splits["test"].items, refuse)
+    return splits
+
+if os.environ["TRAP_UNDER"] in " ".join(sys.argv):      # a selection run: no test image may be read
+    data.make_splits = trapped
+    with open(os.environ["TRAP_LOG"], "a") as f:
+        f.write(" ".join(sys.argv[1:]) + "\\n")
+train.main(sys.argv[1:])
+'''
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_selects_each_lr_off_test_then_pairs_and_resumes_after_a_kill(real, tmp_path, monkeypatch, capsys):
+    """--select-lr end to end: the selection runs start through a wrapper that makes the test split raise (so the
+    grid fails if a selection run reads it); the choice is the best last-epoch validation accuracy; the finals run at
+    it and paired.csv carries it. Then the states a kill leaves (a finished run not yet in the CSV, a run cut before
+    its first epoch, the summary files not yet written): the rerun redoes no finished run and changes no figure."""
+    (tmp_path / "trap.py").write_text(TRAP)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("TRAP_UNDER", str(tmp_path / "runs" / "select-val30"))
+    monkeypatch.setenv("TRAP_LOG", str(tmp_path / "trapped.txt"))
+    monkeypatch.setattr(runner, "TRAIN", [sys.executable, str(tmp_path / "trap.py")])
+    entries = {"linear": ["--method", "linear"], "vpt-deep": ["--method", "vpt-deep"]}
+    res = tmp_path / "res"
+    kw = dict(preset="default", out=res, runs=tmp_path / "runs", workers=2, extra=GRID_TINY,
+              select=G.Selection(seeds=(100,), n_val=30))
+    accuracy(entries, {"cifar": ["--dataset", "cifar10"]}, seeds=(0, 1), **kw)
+    assert len((tmp_path / "trapped.txt").read_text().splitlines()) == 6     # every selection run ran trapped
+    runs = read_csv(res / "selection_runs.csv")
+    assert sorted((r["label"], float(r["lr"])) for r in runs) == sorted(
+        (l, lr) for l in entries for lr in G.LR_GRID[l])
+    assert all("--no-eval-test" in r["command"] and "--n-val 30" in r["command"] and r["seed"] == "100" for r in runs)
+    for d in (tmp_path / "runs" / "select-val30").rglob("summary.json"):
+        assert json.loads(d.read_text())["test_acc"] is None
+    chosen = {}
+    for label in entries:   # the choice, recomputed from the per-run rows: best last-epoch val, ties to the smaller lr
+        val = {float(r["lr"]): float(r["last_val_acc"]) for r in runs if r["label"] == label}
+        chosen[label] = min(lr for lr in val if val[lr] == max(val.values()))
+    table = read_csv(res / "selection.csv")
+    assert {r["method"]: float(r["lr"]) for r in table if r["chosen"] == "1"} == chosen and len(table) == 6
+    finals = read_results(res / "results.csv")
+    assert sorted((r["label"], r["seed"]) for r in finals) == [(l, s) for l in sorted(entries) for s in (0, 1)]
+    for r in finals:
+        assert r["lr"] == chosen[r["label"]] and f"--lr {chosen[r['label']]:g} --seed {r['seed']}" in r["command"]
+        assert 0 <= r["best_val_test_acc"] <= 1 and f"lr{chosen[r['label']]:g}" in r["command"]
+    paired = read_csv(res / "paired.csv")
+    assert list(paired[0]) == ["task", "method", "n_seeds", "lr", "mean_acc", "mean_diff", "ci_low", "ci_high"]
+    assert {r["method"]: float(r["lr"]) for r in paired} == chosen
+    assert paired[0]["method"] == "vpt-deep" and paired[0]["mean_diff"] == paired[0]["ci_low"] == "0.0000"
+    assert "selected on held-out training images" in (res / "results.md").read_text()
+
+    # the states a kill leaves behind
+    summaries = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
+    before = {f: (res / f).read_text() for f in ("selection.csv", "paired.csv")}
+    lines = (res / "selection_runs.csv").read_text().splitlines(keepends=True)
+    (res / "selection_runs.csv").write_text("".join(lines[:-1]))          # finished, but not yet in the CSV
+    cut = tmp_path / "runs" / "select-val30" / "vpt-deep" / "cifar" / "lr0.003" / "seed100"
+    for f in cut.iterdir():                                                # cut before its first epoch ended
+        f.unlink()
+    (cut / "config.json").write_text("{}")
+    for f in ("selection.csv", "paired.csv"):                              # killed before the summaries
+        (res / f).unlink()
+    capsys.readouterr()
+    accuracy(entries, {"cifar": ["--dataset", "cifar10"]}, seeds=(0, 1), **kw)
+    redone = [p for p, t in summaries.items() if p.stat().st_mtime_ns != t]
+    assert redone == [cut / "summary.json"]                                # only the cut run ran again
+    key = lambda r: (r["label"], r["task"], r["lr"], r["seed"], r["last_val_acc"])
+    assert sorted(map(key, read_csv(res / "selection_runs.csv"))) == sorted(map(key, runs))   # each run once
+    assert {f: (res / f).read_text() for f in before} == before
+    assert [(r["label"], r["seed"], r["test_acc"]) for r in read_results(res / "results.csv")] == [
+        (r["label"], r["seed"], r["test_acc"]) for r in finals]
+
+
+def test_grid_killed_mid_selection_resumes_without_redoing_finished_runs(real, tmp_path):
+    """A real kill: the grid (selection, then finals) is SIGKILLed, process group and all, once its first selection
+    run has finished; the same command again finishes the rest and leaves that run alone."""
+    res, runs = tmp_path / "res", tmp_path / "runs"
+    cmd = [sys.executable, "-m", "vapt_min.bench", "accuracy", "--select-lr", "--methods", "vpt-deep", "--tasks",
+           "cifar10-1k", "--select-seeds", "100", "--select-n-val", "30", "--seeds", "0", "--preset", "default",
+           "--workers", "1", "--out", str(res), "--runs", str(runs), "--extra", " ".join(GRID_TINY)]
+    first = runs / "select-val30" / "vpt-deep" / "cifar10-1k" / "lr0.0003" / "seed100" / "summary.json"
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not first.is_file() and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert first.is_file() and not (res / "results.csv").exists(), "killed too late: the finals had begun"
+    stamp = first.stat().st_mtime_ns
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert first.stat().st_mtime_ns == stamp
+    sel = read_csv(res / "selection_runs.csv")
+    assert sorted(float(r["lr"]) for r in sel) == sorted(G.LR_GRID["vpt-deep"])    # each once
+    (final,) = read_results(res / "results.csv")
+    chosen = next(float(r["lr"]) for r in read_csv(res / "selection.csv") if r["chosen"] == "1")
+    assert final["lr"] == chosen and (res / "paired.csv").is_file()

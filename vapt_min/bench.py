@@ -165,6 +165,7 @@ def infer(run_dirs, samples=(1, 5), seed=0) -> list[dict]:
     rows = []
     for run_dir in run_dirs:
         model, cfg = load_run(run_dir, "last")
+        cfg = dataclasses.replace(cfg, eval_test=True)  # scored on its test split, even a selection run
         if model.generator is None or not model.generator.samples:
             raise ValueError(f"{run_dir}: method {cfg.method!r} does not sample its prompts; multi-round inference "
                              "needs a v2apt or viapt run")
@@ -202,6 +203,7 @@ def probe_runs(run_dirs, batch_size: int = 64, which: str = "last", csv_path=Non
     rows = []
     for run_dir in run_dirs:
         model, cfg = load_run(run_dir, which)
+        cfg = dataclasses.replace(cfg, eval_test=True)  # scored on its test split, even a selection run
         if model.generator is None:
             raise ValueError(f"{run_dir}: method {cfg.method!r} has no prompt generator to probe")
         dev = pick_device(cfg)

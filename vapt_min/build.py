@@ -119,21 +119,26 @@ def validate(cfg: Config) -> Config:
 
 
 def build_data(cfg: Config, pretrained_cfg: dict):
+    """The source and its train/val/test splits, transformed; without a test split under --no-eval-test."""
     source = vdata.load_source(cfg.dataset, cfg.data_root, download=cfg.download)
     splits = vdata.make_splits(source, protocol=cfg.protocol, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val,
                                shots=cfg.shots, percent=cfg.percent, test_cap=cfg.test_cap)
+    if not cfg.eval_test:  # gone, not just unused: any later read of it is a KeyError, not a silent look at test
+        del splits["test"]
     tf = vdata.build_transform(cfg.img_size, pretrained_cfg["mean"], pretrained_cfg["std"],
                                pretrained_cfg["interpolation"])
     return source, {k: v.with_transform(tf) for k, v in splits.items()}
 
 
 def build_loaders(cfg: Config, splits: dict, rank: int = 0, world: int = 1):
-    """This rank's slice of every global training batch, its share of val and test, and the batch-order RNG."""
+    """This rank's slice of every global training batch, its share of val and test (None without a test split), and
+    the batch-order RNG. The order depends on the seed alone, never on the method: a seed pairs every method's runs."""
     order_rng = torch.Generator().manual_seed(cfg.seed)
     sampler = vdist.GlobalBatchSampler(len(splits["train"]), cfg.batch_size, order_rng, rank, world)
     loader = DataLoader(splits["train"], batch_sampler=sampler, generator=order_rng, num_workers=cfg.num_workers)
     val_loader, test_loader = (DataLoader(vdist.shard(splits[k], rank, world), 2 * cfg.batch_size // world,
-                                          num_workers=cfg.num_workers) for k in ("val", "test"))
+                                          num_workers=cfg.num_workers) if k in splits else None
+                               for k in ("val", "test"))
     return loader, val_loader, test_loader, order_rng
 
 
@@ -160,8 +165,13 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
+def base_lr(cfg: Config) -> float:
+    """--lr, or the optimizer's default: 1e-3 AdamW, 0.1 SGD, a tenth of that for full fine-tuning."""
+    return cfg.lr or (1e-3 if cfg.optimizer == "adamw" else 0.1) * (0.1 if cfg.method == "full" else 1.0)
+
+
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    lr = cfg.lr or (1e-3 if cfg.optimizer == "adamw" else 0.1) * (0.1 if cfg.method == "full" else 1.0)
+    lr = base_lr(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     # a group per multiplier: the generator's network (--network-lr-scale), ViaPT's learnt coordinates
     # (--viapt-learnt-lr-scale) at lr × their scale, everything else at lr

@@ -30,7 +30,8 @@ def opt(default, help: str, **more):
 class Config:
     # the run: method, data, backbone
     method: str = opt("vpt-deep", f"one of {', '.join(METHODS)}")
-    dataset: str = opt("cifar10", "cifar10, mnist, folder:<path> or vtab:<name>")
+    dataset: str = opt("cifar10", "cifar10, mnist, struct-count, struct-position, struct-orientation, "
+                                       "folder:<path> or vtab:<name>")
     data_root: str | None = opt(None, f"data folder (default: ${DATA_ENV} or <repo>/data)")
     download: bool = opt(False, "download the dataset with torchvision when it is not on disk")
     protocol: str = opt("vtab1k", f"split protocol: {', '.join(PROTOCOLS)}")
@@ -39,6 +40,8 @@ class Config:
     shots: int | None = opt(None, "images per class (protocol shots)")
     percent: float | None = opt(None, "percentage of the training set (protocol percent)")
     test_cap: int | None = opt(2000, "evaluate on this many test images (fixed subset); none = all")
+    eval_test: bool = opt(True, "score the test split after the last epoch; --no-eval-test builds no test split and "
+                                "reads no test image (the grid's learning-rate selection)")
     model: str = opt("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "timm ViT name")
     weights: str = opt("auto", "'auto' (<data_root>/weights/<model>/ if present, else the timm hub), 'hub', 'random', "
                                "or a .safetensors/.pth file or folder")

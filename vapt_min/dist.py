@@ -78,6 +78,12 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum({"flag": float(flag)})["flag"])
 
 
+def barrier():
+    """Wait for every rank (e.g. until rank 0 has written a checkpoint the others read); a no-op in one process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def broadcast(obj, src: int = 0):
     """Rank `src`'s `obj` on every rank (any picklable object); `obj` itself when not distributed."""
     if not dist.is_initialized():

@@ -3,33 +3,47 @@
     python -m vapt_min.bench accuracy                           # every method × 3 tasks × 3 seeds (CPU: ~1.5 h)
     python -m vapt_min.bench accuracy --ablation                # + the full V²APT with one part off (lesson 07)
     python -m vapt_min.bench accuracy --preset paper --threads 8 --workers 1   # the papers' protocol, on a GPU
-    python -m vapt_min.bench accuracy --report                  # redraw results.md and the plot from results.csv
+    python -m vapt_min.bench accuracy --select-lr --preset default --extra '--test-cap none'   # issue 17's protocol
+    python -m vapt_min.bench accuracy --select-lr --select-on cifar10-1k --dry-run            # list its runs
+    python -m vapt_min.bench accuracy --report                  # redraw results.md, paired.csv and the plots
 
 `--workers` runs at a time, `--threads` torch threads each (2 cores: 2 × 1, never 2 × 2). A finished run
 (summary.json) is read, not re-run; an interrupted one continues with --resume; one cut before its first epoch
 restarts. Each finished run appends a row to results.csv with the exact command that reproduces it (same machine, same
-thread count, same torch: the same numbers); at the end, results.md (mean ± std, trainable parameters and %) and
-accuracy_vs_params.png. The main thread collects the results; the worker threads only run processes.
+thread count, same torch: the same numbers), its learning rate, and its test accuracy at the last epoch and at the best
+validation epoch; at the end, results.md (mean ± std, trainable parameters and %, the paired table),
+accuracy_vs_params.png, paired.csv and paired_forest.png (runner.py runs the processes; the main thread writes).
+
+Paired evidence (evidence.py): every method against VPT-Deep on the same (task, seed), a seed fixing the split and the
+batch order for every method. paired.csv has exactly task,method,n_seeds,lr,mean_acc,mean_diff,ci_low,ci_high
+(points, difference = method − VPT-Deep, a t-based 95 % interval); results.md adds the minimum detectable effect at
+80 % power and the same comparison at the best-validation epoch.
+
+Learning-rate selection (--select-lr, selection.py): before the finals, each entry's learning rate is chosen from the
+3 values of LR_GRID by last-epoch validation accuracy on held-out training images (1,000 per run, seeds 100 and 101,
+ties to the smaller), never on a test split (its runs build none: --no-eval-test); selection_runs.csv and selection.csv
+record it. The finals then run at the chosen learning rate, on seeds 0-4 unless --seeds is given, in
+runs/<label>/<task>/lr<lr>/seed<s>; results.csv and paired.csv carry it.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import csv
-import json
+import math
 import os
 import platform
 import shlex
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import METHODS, PRESETS, opt, parser_for
+from . import evidence
+from .build import base_lr
+from .config import METHODS, PRESETS, Config, opt, parser_for
+from .runner import append_row, csv_header, run_all, run_dir_of  # noqa: F401  (csv_header: re-exported)
+from .selection import Selection, select_lr, selection_markdown
 
 TASKS = {  # name → the train options that select it
     "cifar10-1k": ["--dataset", "cifar10"],
@@ -37,6 +51,10 @@ TASKS = {  # name → the train options that select it
     # 20 epochs: at the preset's 8, 100 images make 32 steps, too few for prompts to converge (seed 0: VPT-Deep 39.7 %
     # test at 8 epochs, below the linear probe's 49.0 %); 20 is the default preset's, README's low-data protocol.
     "cifar10-10shot": ["--dataset", "cifar10", "--protocol", "shots", "--shots", "10", "--epochs", "20"],
+    # VTAB-1k's Structured group, rendered (structured.py): 800/200 drawn from a 6,400-image pool per seed
+    "struct-count-1k": ["--dataset", "struct-count"],
+    "struct-position-1k": ["--dataset", "struct-position"],
+    "struct-orientation-1k": ["--dataset", "struct-orientation"],
 }
 ENTRIES = {m: ["--method", m] for m in METHODS}  # row label → train options: every method at its defaults
 ABLATION = {  # the full V²APT with one part off (lesson 07); with all parts off it is VPT-Deep
@@ -47,8 +65,20 @@ ABLATION = {  # the full V²APT with one part off (lesson 07); with all parts of
     "full-v2apt −bias": ["--method", "full-v2apt", "--no-kv-bias"],
     "full-v2apt −pca −guide": ["--method", "full-v2apt", "--no-pca", "--no-guide"],  # the two that cost most, both off
 }
-CSV_FIELDS = ["label", "task", "seed", "test_acc", "best_val_acc", "trainable_params", "trainable_pct", "wall_time_s",
-              "device", "precision", "command"]
+
+# --select-lr's learning rates (AdamW), 3 per method, about a factor 3 apart on a log scale around the method's default
+# (build.base_lr). A multiplier a method applies on top (--network-lr-scale, ViaPT's --viapt-learnt-lr-scale) stays.
+#   method                                   default  grid                why
+#   linear, vpt-shallow, vpt-deep            1e-3     3e-4, 1e-3, 3e-3    prompt tensors (and a head): VPT-Deep's scale
+#   v2apt, viapt, davpt, davpt+, full-v2apt  1e-3     3e-4, 1e-3, 3e-3    the same prompt tensors at the same scale
+#   vapt                                     1e-3     1e-4, 3e-4, 1e-3    one step of the shared kernel moves a prompt
+#                                                                         ~20x further than a VPT prompt (method-audit
+#                                                                         §2.4): the grid leans down, default on top
+#   full                                     1e-4     3e-5, 1e-4, 3e-4    every backbone weight: a tenth, as its default
+LR_GRID = {**{m: (3e-4, 1e-3, 3e-3) for m in METHODS}, "vapt": (1e-4, 3e-4, 1e-3), "full": (3e-5, 1e-4, 3e-4)}
+
+CSV_FIELDS = ["label", "task", "seed", "lr", "test_acc", "best_val_test_acc", "best_val_acc", "best_epoch",
+              "trainable_params", "trainable_pct", "wall_time_s", "device", "precision", "command"]
 # the swap test and the latent's information on the validation split (summary.json's probe; empty without a generator
 # or a latent): does the row's generator use the image? A results.csv begun before these columns keeps its own header.
 PROBE_FIELDS = ["val_acc_own", "val_acc_swapped", "val_acc_null", "val_changed_swapped", "mi_bits_val"]
@@ -78,21 +108,53 @@ def machine() -> str:
     return f"{cpu}, {cores} cores{gpu}, torch {torch.__version__}"
 
 
+def option_value(options: list[str], name: str, default=None):
+    """The value of train option `name` in an option list (`--lr 3e-4` or `--lr=3e-4`; the last one wins, as in
+    argparse), or default."""
+    value = default
+    for i, o in enumerate(options):
+        if o == name and i + 1 < len(options):
+            value = options[i + 1]
+        elif o.startswith(name + "="):
+            value = o.split("=", 1)[1]
+    return value
+
+
+def lr_from_command(command: str) -> float:
+    """The learning rate of a run from its command (rows of a results.csv from before the lr column)."""
+    args = shlex.split(command)
+    lr = option_value(args, "--lr")
+    if lr is not None:
+        return float(lr)
+    return base_lr(Config(method=option_value(args, "--method", "vpt-deep"),
+                          optimizer=option_value(args, "--optimizer", "adamw")))
+
+
+def entry_lrs(label: str, options: list[str]) -> tuple[float, ...]:
+    """The learning rates --select-lr tries for an entry: LR_GRID of its method, or its own --lr (nothing to select)."""
+    if option_value(options, "--lr") is not None:
+        return (float(option_value(options, "--lr")),)
+    if option_value(options, "--optimizer", "adamw") != "adamw":
+        raise ValueError(f"entry {label!r}: LR_GRID holds AdamW learning rates, and the entry trains with --optimizer "
+                         f"{option_value(options, '--optimizer')}: give it its own --lr")
+    method = option_value(options, "--method", "vpt-deep")
+    if method not in LR_GRID:
+        raise ValueError(f"entry {label!r}: unknown --method {method!r}: choose one of {', '.join(LR_GRID)}")
+    return LR_GRID[method]
+
+
 def read_results(path: Path) -> list[dict]:
+    """results.csv's rows, numbers parsed; `lr` always (from the command where the file predates the column),
+    `best_val_test_acc` None where the file or the run predates it."""
     if not path.is_file():
         return []
+    number = lambda v: None if v in (None, "") else float(v)
     with open(path, newline="") as f:
         return [{**r, "seed": int(r["seed"]), "test_acc": float(r["test_acc"]),
-                 "trainable_params": int(r["trainable_params"]), "trainable_pct": float(r["trainable_pct"])}
+                 "trainable_params": int(r["trainable_params"]), "trainable_pct": float(r["trainable_pct"]),
+                 "lr": number(r.get("lr")) or lr_from_command(r.get("command") or ""),
+                 "best_val_test_acc": number(r.get("best_val_test_acc"))}
                 for r in csv.DictReader(f)]
-
-
-def csv_header(path: Path) -> list[str] | None:
-    """The columns of an existing results.csv (rows are appended under its own header), or None for a new one."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    with open(path, newline="") as f:
-        return next(csv.reader(f))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -109,12 +171,18 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def ordered_labels(rows: list[dict]) -> list[str]:
+    """The rows' labels in the package's order, not the order in which parallel runs happened to finish; labels of
+    your own (--entry) after them, in first-seen order."""
+    known = [*ENTRIES, *ABLATION]
+    seen = list(dict.fromkeys(r["label"] for r in rows))
+    return sorted(seen, key=lambda l: (known.index(l), 0) if l in known else (len(known), seen.index(l)))
+
+
 def results_markdown(rows: list[dict], tasks: list[str]) -> str:
     """One row per label: test accuracy mean ± std per task (n seeds when fewer than the most), trainable params, %."""
     summ = {(r["label"], r["task"]): r for r in summarise(rows)}
-    known = [*ENTRIES, *ABLATION]  # the package's order, not the order in which parallel runs happened to finish
-    seen = list(dict.fromkeys(r["label"] for r in rows))
-    labels = sorted(seen, key=lambda l: (known.index(l), 0) if l in known else (len(known), seen.index(l)))
+    labels = ordered_labels(rows)
     most = max((r["n"] for r in summ.values()), default=0)
     lines = ["| method | trainable params | trainable % | " + " | ".join(tasks) + " |", "|---" * (3 + len(tasks)) + "|"]
     for label in labels:
@@ -130,10 +198,11 @@ def results_markdown(rows: list[dict], tasks: list[str]) -> str:
 
 
 def report(out: Path, tasks: list[str], header: str = "") -> str:
-    """Write results.md and accuracy_vs_params.png from results.csv; returns the markdown."""
+    """Write results.md, accuracy_vs_params.png, paired.csv and paired_forest.png from results.csv; returns the
+    markdown."""
     import matplotlib.pyplot as plt
 
-    from .plots import plot_grid_results
+    from .plots import plot_forest, plot_grid_results
     rows = read_results(out / "results.csv")
     if not rows:
         raise ValueError(f"{out / 'results.csv'} holds no results yet: run python -m vapt_min.bench accuracy "
@@ -143,6 +212,21 @@ def report(out: Path, tasks: list[str], header: str = "") -> str:
     if not header and old.startswith("Test accuracy"):
         header = old.split("\n\n")[0] + "\n\n"   # --report keeps the command, machine and date of the run
     md = header + results_markdown(rows, tasks) + "\n"
+    order = ordered_labels(rows)
+    paired = evidence.paired_table(sorted(rows, key=lambda r: order.index(r["label"])), tasks)
+    if paired:
+        evidence.write_paired_csv(out / "paired.csv", paired)
+        md += (f"\nPaired against {evidence.REFERENCE} on the same seeds (paired.csv): test accuracy (%) at the last "
+               "epoch, the mean difference (points) with its t-based 95 % confidence interval, the minimum detectable "
+               "effect at 80 % power (two-sided paired t-test, α = 0.05, at the observed spread of the differences), "
+               "and the same at the best-validation epoch.\n\n" + evidence.paired_markdown(paired) + "\n")
+        if any(r["method"] != evidence.REFERENCE for r in paired):
+            fig = plot_forest(paired, [t for t in tasks if any(r["task"] == t for r in paired)])
+            fig.savefig(out / "paired_forest.png", dpi=110)
+            plt.close(fig)
+    if (out / "selection.csv").is_file():
+        md += ("\nLearning rates, selected on held-out training images (selection.csv; never on a test split):\n\n"
+               + selection_markdown(out / "selection.csv") + "\n")
     (out / "results.md").write_text(md)
     summary = summarise(rows)
     have = {(r["label"], r["task"]) for r in summary}
@@ -161,74 +245,66 @@ def grid_jobs(entries: dict, tasks: dict, seeds, only: dict | None = None) -> li
             if task in only.get(label, {}).get("tasks", tasks) and seed in only.get(label, {}).get("seeds", seeds)]
 
 
-def run_one(job, entries: dict, tasks: dict, preset: str, runs: Path, threads: int, extra) -> tuple[Path, str, int]:
-    """Run (or resume, or skip) one grid run in its own process; returns its folder, its command and the exit code."""
-    label, task, seed = job
-    run_dir = runs / label.replace(" ", "_") / task / f"seed{seed}"
-    args = ["--preset", preset, *tasks[task], *entries[label], "--seed", str(seed), *extra, "--out", str(run_dir)]
-    command = f"OMP_NUM_THREADS={threads} python -m vapt_min.train " + shlex.join(args)
-    if (run_dir / "summary.json").is_file():
-        return run_dir, command, 0
-    if (run_dir / "train_state.pt").is_file():     # interrupted after an epoch: continue it
-        args = ["--resume", str(run_dir)]
-    elif run_dir.exists():                         # interrupted before its first epoch finished: nothing to keep
-        shutil.rmtree(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(run_dir.parent / f"seed{seed}.log", "w") as f:
-        rc = subprocess.run([sys.executable, "-m", "vapt_min.train", *args, "--no-progress"], env=env, stdout=f,
-                            stderr=subprocess.STDOUT).returncode
-    return run_dir, command, rc
+# ---------------------------------------------------------------------------------------------------------------------
+# The finals
 
 
 def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", out="results/cpu", runs=None,
              workers: int = 2, threads: int = 1, extra=(), dry_run: bool = False, only: dict | None = None,
-             command: str | None = None) -> list[dict]:
-    """Run (or resume) the grid; append each finished run to out/results.csv; write results.md and the plot.
-    entries: row label → train options; tasks: name → train options; only: label → {"tasks": ..., "seeds": ...}."""
+             command: str | None = None, select: Selection | None = None) -> list[dict]:
+    """Run (or resume) the grid; append each finished run to out/results.csv; write results.md, paired.csv and the
+    plots. entries: row label → train options; tasks: name → train options; only: label → {"tasks": ..., "seeds":
+    ...}; select: choose each entry's learning rate first (select_lr), and run the finals at it."""
     out, runs = Path(out), Path(runs or f"runs/bench-{preset}")
     out.mkdir(parents=True, exist_ok=True)
+    extra = list(extra)
+    if select is not None:
+        given = [o for opts in (*tasks.values(), *(select.on or {}).values(), extra) for o in opts]
+        if option_value(given, "--lr") is not None:
+            raise ValueError("--select-lr chooses the learning rate: drop --lr from --extra (an --entry may fix "
+                             "its own)")
+        if option_value(given, "--protocol") == "full":
+            raise ValueError("--select-lr holds out --select-n-val images, which under --protocol full come out of the "
+                             "training set: select on a vtab1k, shots or percent task")
     csv_path = out / "results.csv"
-    have = {(r["label"], r["task"], r["seed"]) for r in read_results(csv_path)}
+    have = {(r["label"], r["task"], r["seed"]): r for r in read_results(csv_path)}
     jobs = grid_jobs(entries, tasks, seeds, only)
-    finished = sum((runs / l.replace(" ", "_") / t / f"seed{s}" / "summary.json").is_file() for l, t, s in jobs)
+    lrs = select_lr(entries, {label: entry_lrs(label, o) for label, o in entries.items()}, tasks, select, preset,
+                    out, runs, workers, threads, extra, dry_run, only) if select is not None else None
+    moved = [k for k in jobs if lrs and k in have and not math.isclose(have[k]["lr"], lrs[k[:2]])]
+    if moved:  # one results.csv holds one learning rate per entry and task
+        (label, task, seed), lr = moved[0], have[moved[0]]["lr"]
+        raise ValueError(f"{csv_path} holds {label} on {task}, seed {seed} at lr {lr:g}, but the selection chose "
+                         f"{lrs[(label, task)]:g}: write these finals to another --out")
+    dirs = {k: run_dir_of(runs, *k, lr=lrs[k[:2]] if lrs else None) for k in jobs}
+    finished = sum((d / "summary.json").is_file() for d in dirs.values())
     print(f"accuracy grid: {len(entries)} entries, {len(tasks)} tasks, seeds {', '.join(map(str, seeds))}: {len(jobs)} "
           f"runs ({finished} finished before) | preset {preset} | {workers} workers × {threads} threads | runs in "
           f"{runs} | results in {csv_path}", flush=True)
     if dry_run:
         for label, task, seed in jobs:
-            print(f"  {label} | {task} | seed {seed}")
+            print(f"  {label} | {task} | seed {seed}" + (" | at the selected lr" if select is not None else ""))
         return []
-    rows, failed, started, ran = {}, [], time.time(), 0
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(run_one, job, entries, tasks, preset, runs, threads, extra): job for job in jobs}
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            (label, task, seed), (run_dir, cmd, rc) = futures[future], future.result()
-            if rc:
-                log = run_dir.parent / f"seed{seed}.log"
-                tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
-                print(f"FAILED {label} | {task} | seed {seed} (exit {rc}); log {log}:\n{tail}", flush=True)
-                failed.append(futures[future])
-                continue
-            s = json.loads((run_dir / "summary.json").read_text())
-            row = {"label": label, "task": task, "seed": seed, "test_acc": s["test_acc"],
-                   "best_val_acc": s["best_val_acc"], "trainable_params": s["trainable_params"],
-                   "trainable_pct": s["trainable_pct"], "wall_time_s": round(s["wall_time_s"], 1),
-                   "device": s["device"], "precision": s["precision"], **probe_columns(s), "command": cmd}
-            if (label, task, seed) not in have:
-                with open(csv_path, "a", newline="") as f:
-                    w = csv.DictWriter(f, csv_header(csv_path) or CSV_FIELDS[:-1] + PROBE_FIELDS + ["command"],
-                                       extrasaction="ignore")
-                    if f.tell() == 0:
-                        w.writeheader()
-                    w.writerow(row)
-                have.add((label, task, seed))
-                ran += 1
-            rows[futures[future]] = row
-            left = len(jobs) - done
-            eta = (time.time() - started) / ran * left if ran and left else 0
-            print(f"[{done}/{len(jobs)}] {label} | {task} | seed {seed}: test {100 * s['test_acc']:.1f} % "
-                  f"({s['wall_time_s']:.0f} s){f' | about {eta / 60:.0f} min left' if eta else ''}", flush=True)
+
+    def args(label, task, seed):
+        lr = ["--lr", f"{lrs[(label, task)]:g}"] if lrs else []
+        return ["--preset", preset, *tasks[task], *entries[label], *lr, "--seed", str(seed), *extra]
+    rows, failed = {}, []
+    for key, cmd, s in run_all([(k, " | ".join(k[:2]) + f" | seed {k[2]}", dirs[k], args(*k)) for k in jobs], workers,
+                               threads, lambda s: f"test {100 * s['test_acc']:.1f} %"):
+        if s is None:
+            failed.append(key)
+            continue
+        label, task, seed = key
+        row = {"label": label, "task": task, "seed": seed, "lr": s.get("lr", ""), "test_acc": s["test_acc"],
+               "best_val_test_acc": s.get("best_val_test_acc"), "best_val_acc": s["best_val_acc"],
+               "best_epoch": s.get("best_epoch", ""), "trainable_params": s["trainable_params"],
+               "trainable_pct": s["trainable_pct"], "wall_time_s": round(s["wall_time_s"], 1), "device": s["device"],
+               "precision": s["precision"], **probe_columns(s), "command": cmd}
+        if key not in have:
+            append_row(csv_path, row, CSV_FIELDS[:-1] + PROBE_FIELDS + ["command"])
+            have[key] = row
+        rows[key] = row
     header = (f"Test accuracy (%) over seeds {', '.join(map(str, seeds))}: "
               f"`{command or f'python -m vapt_min.bench accuracy --preset {preset}'}`, {workers} workers × {threads} "
               f"threads; {machine()}; {time.strftime('%Y-%m-%d')}.\n\n")
@@ -252,7 +328,7 @@ class GridConfig:
     ablation: bool = opt(False, "add the full V²APT ablation rows (on cifar10-1k and the ablation seeds)")
     ablation_seeds: list[int] = opt([0, 1], "the ablation's seeds")
     tasks: list[str] = opt(list(TASKS), "tasks", choices=list(TASKS))
-    seeds: list[int] = opt([0, 1, 2], "seeds")
+    seeds: list[int] = opt([0, 1, 2], "seeds (with --select-lr: 0 1 2 3 4)")
     preset: str = opt("cpu", "train preset: cpu (8 epochs, 1,000 test images: about 1.5 h on 2 cores) or paper "
                              "(224 px, 100 epochs: a GPU)", choices=list(PRESETS))
     out: str | None = opt(None, "results folder (default: results/<preset>)")
@@ -262,8 +338,16 @@ class GridConfig:
     entry: list[str] = opt([], "rows of your own, each 'LABEL: TRAIN OPTIONS' (e.g. 'viapt, dropout on all: --method "
                                "viapt --prompt-dropout-on all'); with them, --methods defaults to none")
     extra: list[str] = opt([], "train options added to every run, as one string (e.g. '--test-cap 2000')")
+    select_lr: bool = opt(False, "first choose each entry's learning rate (3 per method, LR_GRID) by last-epoch "
+                                 "validation accuracy on held-out training images, never on a test split; the finals "
+                                 "run at the chosen one")
+    select_seeds: list[int] = opt([100, 101], "--select-lr: the selection runs' seeds (disjoint from the finals')")
+    select_n_val: int = opt(1000, "--select-lr: validation images per selection run, held out from the training pool "
+                                  "the training images leave unused")
+    select_on: list[str] = opt([], "--select-lr: select on these tasks, one learning rate per method for every final "
+                                   "task (default: each final task selects its own)", choices=list(TASKS))
     dry_run: bool = opt(False, "list the runs and exit")
-    report: bool = opt(False, "only rewrite results.md and the plot from results.csv")
+    report: bool = opt(False, "only rewrite results.md, paired.csv and the plots from results.csv")
 
 
 def main(a: GridConfig, argv: list[str]):
@@ -271,6 +355,10 @@ def main(a: GridConfig, argv: list[str]):
     if a.report:
         print(report(out, a.tasks))
         return
+    if not a.select_lr and any(f"--{o}" in argv for o in ("select-seeds", "select-n-val", "select-on")):
+        raise ValueError("--select-seeds, --select-n-val and --select-on set up --select-lr: add --select-lr")
+    if a.select_n_val < 1:
+        raise ValueError(f"--select-n-val must be >= 1, got {a.select_n_val}")
     methods = [] if a.entry and "--methods" not in argv else a.methods
     entries = {m: {**ENTRIES, **ABLATION}[m] for m in methods}
     for spec in a.entry:
@@ -283,11 +371,15 @@ def main(a: GridConfig, argv: list[str]):
         entries.update(ABLATION)
     # --ablation adds lesson 07's rows on CIFAR-10-1k and the ablation seeds; one named in --methods runs everywhere
     only = {label: {"tasks": ["cifar10-1k"], "seeds": a.ablation_seeds} for label in ABLATION if label not in a.methods}
-    accuracy(entries, {t: TASKS[t] for t in a.tasks}, a.seeds, a.preset, out, a.runs, a.workers, a.threads,
+    seeds = [0, 1, 2, 3, 4] if a.select_lr and "--seeds" not in argv else a.seeds
+    select = Selection(tuple(a.select_seeds), a.select_n_val, {t: TASKS[t] for t in a.select_on} or None) \
+        if a.select_lr else None
+    accuracy(entries, {t: TASKS[t] for t in a.tasks}, seeds, a.preset, out, a.runs, a.workers, a.threads,
              extra=[o for e in a.extra for o in shlex.split(e)], dry_run=a.dry_run, only=only,
-             command=shlex.join(["python", "-m", "vapt_min.bench", *argv]))
+             command=shlex.join(["python", "-m", "vapt_min.bench", *argv]), select=select)
 
 
 def add_parser(sub) -> None:
     parser_for(GridConfig, sub.add_parser("accuracy", help="test accuracy of every method on 3 tasks × 3 seeds "
-                                          "(resumable)", allow_abbrev=False))
+                                          "(resumable); --select-lr: a learning rate per method first",
+                                          allow_abbrev=False))

@@ -14,10 +14,10 @@ import torch
 from einops import rearrange
 
 
-def to_image(x: torch.Tensor, mean=(0.5,) * 3, std=(0.5,) * 3) -> torch.Tensor:
-    """Undo the normalisation of one image (3, H, W) → (H, W, 3) in [0, 1] for imshow."""
+def to_image(x: torch.Tensor, mean=(0.5,) * 3, std=(0.5,) * 3):
+    """Undo the normalisation of one image (3, H, W) → a (H, W, 3) numpy array in [0, 1] for imshow."""
     m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-    return (x.detach().cpu().float() * s + m).clamp(0, 1).permute(1, 2, 0)
+    return (x.detach().cpu().float() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def show_patches(x: torch.Tensor, patch_size: int, **norm):
@@ -55,21 +55,34 @@ def show_attention(images: torch.Tensor, maps: list[torch.Tensor], layers, num_p
     """Rows: images; columns: the image, then CLS→patch attention at the chosen layers."""
     att = cls_attention(maps, num_prompts)           # (L, B, g, g)
     B = images.shape[0]
-    fig, axes = plt.subplots(B, 1 + len(layers), figsize=(2.2 * (1 + len(layers)), 2.2 * B), squeeze=False)
+    vmax = max(att[layer].max().item() for layer in layers)  # one scale for every map, so they compare
+    fig, axes = plt.subplots(B, 1 + len(layers), figsize=(2.2 * (1 + len(layers)) + 1, 2.2 * B), squeeze=False,
+                             layout="constrained")
     for b in range(B):
         axes[b, 0].imshow(to_image(images[b], **norm))
         for j, layer in enumerate(layers):
-            axes[b, j + 1].imshow(att[layer, b], cmap="inferno")
+            im = axes[b, j + 1].imshow(att[layer, b].numpy(), cmap="inferno", vmin=0, vmax=vmax)
             if b == 0:
                 axes[b, j + 1].set_title(f"layer {layer}")
         for a in axes[b]:
             a.axis("off")
-    fig.tight_layout()
+    fig.colorbar(im, ax=axes, shrink=0.6, label="CLS → patch attention (mean over heads)")
     return fig
 
 
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+AXIS_LABELS = {  # metrics.jsonl keys → what a reader should see on the axis
+    "loss": "training loss (cross-entropy + weighted auxiliary terms)", "ce": "training cross-entropy",
+    "train_acc": "training accuracy", "val_acc": "validation accuracy", "test_acc": "test accuracy",
+    "kl": "KL to N(0, I) (nats per image)", "lr": "learning rate", "epoch_time_s": "seconds per epoch",
+}
+
+
+def axis_label(key: str) -> str:
+    return AXIS_LABELS.get(key, key)
 
 
 def plot_curves(runs: dict[str, list[dict]], keys=("loss", "val_acc")):
@@ -80,7 +93,7 @@ def plot_curves(runs: dict[str, list[dict]], keys=("loss", "val_acc")):
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=label)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_ylabel(key)
+        ax.set_ylabel(axis_label(key))
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
     fig.tight_layout()
@@ -96,8 +109,8 @@ def plot_acc_vs_params(rows: list[dict], acc_key: str = "test_acc"):
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.15)  # room for the labels of the outermost points
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks unlabelled: their labels collide
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"{acc_key} (%)")
+    ax.set_xlabel("trainable parameters (log scale, head included)")
+    ax.set_ylabel(f"{axis_label(acc_key)} (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -127,12 +140,21 @@ def plot_grid_results(rows: list[dict], tasks: list[str]):
     return fig
 
 
+PROMPT_MAP_SPACES = ("raw", "ln", "key-query")
+
+
 @torch.no_grad()
-def prompt_map(model, x: torch.Tensor, which: slice = slice(None)) -> torch.Tensor:
+def prompt_map(model, x: torch.Tensor, which: slice = slice(None), space: str = "raw") -> torch.Tensor:
     """V²APT's Fig. 3 "prompt map" (our definition; the paper gives no formula): before every block, the cosine
     similarity between each patch token and the prompt tokens entering that block, averaged over the prompts (all
-    P, or the slots in `which`), on the patch grid: (L, B, gh, gw). `model`: a PromptedViT with prompts, in eval
-    mode."""
+    P, or the slots in `which`), on the patch grid: (L, B, gh, gw). `model`: a PromptedViT with prompts, in eval mode.
+
+    space: what is compared. "ln" (default): the tokens after the block's norm1, what its attention reads; a block
+    ignores a shift of a token's mean and its scale (lesson 02), and raw cosine does not. "key-query": each prompt's
+    key against each patch's query (all heads concatenated), the pair whose product is the attention logit patch →
+    prompt. "raw": the tokens as they enter the block (the map's first version)."""
+    if space not in PROMPT_MAP_SPACES:
+        raise ValueError(f"unknown space {space!r}; choose one of {', '.join(PROMPT_MAP_SPACES)}")
     seen = []
     hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in model.vit.blocks]
     try:
@@ -142,16 +164,25 @@ def prompt_map(model, x: torch.Tensor, which: slice = slice(None)) -> torch.Tens
             h.remove()
     gh, gw = x.shape[-2] // model.vit.patch_size, x.shape[-1] // model.vit.patch_size
     out = []
-    for seq in seen:                                                      # (B, 1+P+N, D) entering block i
+    for block, seq in zip(model.vit.blocks, seen):                        # (B, 1+P+N, D) entering block i
         P = seq.shape[1] - 1 - gh * gw
         prompts, patches = seq[:, 1:1 + P][:, which], seq[:, 1 + P:]      # (B, P', D), (B, N, D)
+        if space != "raw":
+            prompts, patches = block.norm1(prompts), block.norm1(patches)
+        if space == "key-query":
+            attn, D = block.attn, seq.shape[-1]
+            w, b = attn.qkv.weight, attn.qkv.bias if attn.kv_bias is None else torch.cat(
+                [attn.qkv.bias[:D], attn.kv_bias])
+            prompts = torch.nn.functional.linear(prompts, w[D:2 * D], b[D:2 * D])  # keys (B, P', D)
+            patches = torch.nn.functional.linear(patches, w[:D], b[:D])            # queries (B, N, D)
         sim = torch.nn.functional.cosine_similarity(prompts[:, :, None], patches[:, None], dim=-1)  # (B, P', N)
         out.append(rearrange(sim.mean(1), "b (gh gw) -> b gh gw", gh=gh))
     return torch.stack(out)
 
 
-def show_prompt_maps(images: torch.Tensor, maps: dict[str, torch.Tensor], **norm):
-    """Rows: images; columns: the image, then one map per entry of `maps` (title → (B, gh, gw)), one colour scale."""
+def show_prompt_maps(images: torch.Tensor, maps: dict[str, torch.Tensor], labels=None, **norm):
+    """Rows: images (named by `labels`, e.g. their classes); columns: the image, then one map per entry of `maps`
+    (title → (B, gh, gw)), one colour scale."""
     vmin, vmax = min(m.min().item() for m in maps.values()), max(m.max().item() for m in maps.values())
     B = images.shape[0]
     fig, axes = plt.subplots(B, 1 + len(maps), figsize=(2.3 * (1 + len(maps)) + 1, 2.2 * B), squeeze=False,
@@ -159,11 +190,14 @@ def show_prompt_maps(images: torch.Tensor, maps: dict[str, torch.Tensor], **norm
     for b in range(B):
         axes[b, 0].imshow(to_image(images[b], **norm))
         for j, (title, m) in enumerate(maps.items()):
-            im = axes[b, j + 1].imshow(m[b].cpu(), cmap="viridis", vmin=vmin, vmax=vmax)
+            im = axes[b, j + 1].imshow(m[b].cpu().numpy(), cmap="viridis", vmin=vmin, vmax=vmax)
             if b == 0:
                 axes[b, j + 1].set_title(title)
         for a in axes[b]:
-            a.axis("off")
+            a.set_xticks([]), a.set_yticks([])
+            a.spines[:].set_visible(False)
+        if labels is not None:
+            axes[b, 0].set_ylabel(labels[b])
     fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
     return fig
 
@@ -195,8 +229,10 @@ def grad_cam(model, x: torch.Tensor, target: torch.Tensor | None = None, block: 
     return rearrange(cam.detach(), "b (gh gw) -> b gh gw", gh=gh)
 
 
-def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: float = 0.5, **norm):
-    """Rows: images; columns: the image, then each map (title → (B, gh, gw) in [0, 1]) upsampled over the image."""
+def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: float = 0.5, interpolation="nearest",
+                  **norm):
+    """Rows: images; columns: the image, then each map (title → (B, gh, gw) in [0, 1]) over the image, one cell per
+    patch (interpolation="nearest": a 7×7 map is shown as the 7×7 values it has, not a smooth guess between them)."""
     B = images.shape[0]
     fig, axes = plt.subplots(B, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.2 * B), squeeze=False,
                              layout="constrained")
@@ -205,12 +241,14 @@ def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: fl
         axes[b, 0].imshow(img)
         for j, (title, m) in enumerate(maps.items()):
             axes[b, j + 1].imshow(img)
-            axes[b, j + 1].imshow(m[b].cpu(), cmap="jet", alpha=alpha, vmin=0, vmax=1,
-                                  extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5), interpolation="bilinear")
+            im = axes[b, j + 1].imshow(m[b].cpu().numpy(), cmap="jet", alpha=alpha, vmin=0, vmax=1,
+                                       extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5),
+                                       interpolation=interpolation)
             if b == 0:
                 axes[b, j + 1].set_title(title)
         for a in axes[b]:
             a.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="map value (1 = the image's maximum)")
     return fig
 
 
@@ -230,5 +268,32 @@ def plot_sweep(x, panels: dict[str, dict[str, list]], xlabel: str, symlog: bool 
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_forest(rows: list[dict], tasks: list[str], reference: str = "vpt-deep"):
+    """The paired comparison as a forest plot: one panel per task, one line per method, the mean paired difference of
+    test accuracy from the reference (points) with its 95 % CI (a hollow marker: fewer than 2 seeds, no interval), and
+    the zero line, the reference itself. rows: `evidence.paired_table` output."""
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != reference))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1.5, 0.42 * len(methods) + 1.8), sharey=True,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task and r["method"] != reference):
+            y = methods.index(r["method"])
+            if r["ci_low"] is None:
+                ax.plot(r["mean_diff"], y, "o", mfc="none", color="C0")
+            else:
+                ax.errorbar(r["mean_diff"], y, xerr=[[r["mean_diff"] - r["ci_low"]], [r["ci_high"] - r["mean_diff"]]],
+                            fmt="o", color="C0", capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(task)
+        ax.set_xlabel(f"test accuracy − {reference} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    ax0 = axes[0, 0]
+    ax0.set_yticks(range(len(methods)), methods)
+    ax0.set_ylim(len(methods) - 0.5, -0.5)  # the first method on top
+    ax0.set_ylabel("method (mean paired difference, 95 % CI)")
     fig.tight_layout()
     return fig

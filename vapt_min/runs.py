@@ -137,6 +137,7 @@ def results_table(rows: list[dict]) -> str:
     return markdown_table(rows, {
         "method": lambda r: r["method"], "dataset": lambda r: r["dataset"], "seed": lambda r: r["seed"],
         "best val": lambda r: f"{r['best_val_acc']:.3f}", "last val": lambda r: f"{r['last_val_acc']:.3f}",
-        "test": lambda r: f"{r['test_acc']:.3f}", "trainable params": lambda r: f"{r['trainable_params']:,}",
+        "test": lambda r: "—" if r["test_acc"] is None else f"{r['test_acc']:.3f}",  # None: --no-eval-test
+        "trainable params": lambda r: f"{r['trainable_params']:,}",
         "trainable %": lambda r: f"{r['trainable_pct']:.3f}", "train img/s": lambda r: f"{r['train_img_per_s']:.1f}",
         "wall s": lambda r: f"{r['wall_time_s']:.0f}"})

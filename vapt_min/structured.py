@@ -85,8 +85,9 @@ def _background(rng) -> np.ndarray:
     """(S*SS, S*SS, 3) float in [0, 1]: gradient + texture + strokes. Kept dark so objects stand out."""
     a, b = _colour(rng, 0.1, 0.45), _colour(rng, 0.1, 0.45)
     theta = rng.uniform(0, 2 * np.pi)
-    t = ((C[None, :] * np.float32(np.cos(theta)) + C[:, None] * np.float32(np.sin(theta))) / SIZE + 1) / 2  # 0..1 across the canvas
-    coarse = rng.normal(0, 0.06, (5, 5, 3)).astype(np.float32)  # low-frequency texture, bilinearly upsampled: UP @ coarse @ UP.T
+    cos, sin = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+    t = ((C[None, :] * cos + C[:, None] * sin) / SIZE + 1) / 2  # 0..1 across the canvas
+    coarse = rng.normal(0, 0.06, (5, 5, 3)).astype(np.float32)  # low-frequency texture, upsampled: UP @ coarse @ UP.T
     img = a + (b - a) * t[..., None] + np.einsum("ia,abc,jb->ijc", UP, coarse, UP, optimize=True)
     for _ in range(rng.integers(3, 7)):  # thin strokes, ~1 px wide: clutter, never counted or located
         p, q = rng.uniform(0, SIZE, 2), rng.uniform(0, SIZE, 2)

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from . import dist as vdist
 from . import probe, runs
-from .build import (build_backbone, build_data, build_loaders, build_model, build_optimizer, lr_lambda,  # noqa: F401
-                    pick_device, setup, use_bf16, validate)
+from .build import (base_lr, build_backbone, build_data, build_loaders, build_model, build_optimizer,  # noqa: F401
+                    lr_lambda, pick_device, setup, use_bf16, validate)
 from .config import METHODS, PRESETS, Config, build_parser  # noqa: F401  (re-exported for the lessons)
 from .prompts import PromptedViT
 from .runs import atomic_write, load_trainable, trainable_state  # noqa: F401  (re-exported)
@@ -134,7 +134,7 @@ def train(cfg: Config) -> dict:
     if not cfg.resume:
         epoch_hook(r)  # the generator's per-epoch hook, before the first epoch
     weights = model.aux_weights()
-    t0, seen, train_time, val_acc, test_acc = time.time(), 0, 0.0, float("nan"), float("nan")
+    t0, seen, train_time, val_acc, test_acc = time.time(), 0, 0.0, float("nan"), None  # test: None under --no-eval-test
     aux_max = {}  # the largest epoch mean of each raw auxiliary loss: ~0 for a whole run is reported
     for epoch in range(start, cfg.epochs):
         if r.world > 1:  # each rank its own dropout/sampling stream, from (seed, epoch, rank): resume stays exact
@@ -169,11 +169,11 @@ def train(cfg: Config) -> dict:
         last = epoch == cfg.epochs - 1 or step == r.total
         extra = {} if last else epoch_hook(r)  # and after every epoch but the last
         val_acc = evaluate(model, r.val_loader, r.device, r.bf16)
-        if last:
+        if last and cfg.eval_test:
             test_acc = evaluate(model, r.test_loader, r.device, r.bf16)
         row = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0], "train_acc": sums.pop("correct") / n,
                **{k: v / n for k, v in sums.items()}, **extra, "val_acc": val_acc, "epoch_time_s": time.time() - t_ep}
-        if last:
+        if last and cfg.eval_test:
             row["test_acc"] = test_acc
         dead = [k for k, w in weights.items() if w > 0 and abs(row.get(k, 0.0)) < AUX_ZERO]
         if dead:  # a term that is zero all epoch is not training anything: a bug, or no positives in any batch
@@ -191,13 +191,31 @@ def train(cfg: Config) -> dict:
         for w in row.get("warnings", []):
             log(f"warning: epoch {epoch + 1}: {w}")
         log(f"epoch {epoch + 1:3d} | loss {row['loss']:.4f} | train {row['train_acc']:.3f} | val {val_acc:.3f}"
-            + (f" | test {test_acc:.3f}" if last else "") + f" | {row['epoch_time_s']:.1f}s", flush=True)
+            + (f" | test {test_acc:.3f}" if last and cfg.eval_test else "") + f" | {row['epoch_time_s']:.1f}s",
+            flush=True)
         if step == r.total:
             break
-    return finish(cfg, r, weights, aux_max, best, val_acc, test_acc, time.time() - t0, seen / max(train_time, 1e-9))
+    best_test = best_epoch_test_acc(cfg, r, best, epoch, test_acc)
+    return finish(cfg, r, weights, aux_max, best, val_acc, test_acc, time.time() - t0, seen / max(train_time, 1e-9),
+                  best_test)
 
 
-def finish(cfg: Config, r, weights, aux_max, best, val_acc, test_acc, wall, img_per_s) -> dict:
+def best_epoch_test_acc(cfg: Config, r, best: dict, last_epoch: int, test_acc):
+    """Test accuracy of the best-validation epoch (best.safetensors): the grid's second column beside the last epoch's.
+    The model is put back to its last epoch afterwards. None under --no-eval-test."""
+    if not cfg.eval_test:
+        return None
+    if best["epoch"] == last_epoch:
+        return test_acc
+    vdist.barrier()  # rank 0 wrote best.safetensors; every rank reads it
+    last = runs.trainable_state(r.model)
+    runs.load_trainable(r.model, r.out / "best.safetensors", cfg)
+    acc = evaluate(r.model, r.test_loader, r.device, r.bf16)
+    r.model.load_state_dict(last, strict=False)
+    return acc
+
+
+def finish(cfg: Config, r, weights, aux_max, best, val_acc, test_acc, wall, img_per_s, best_test=None) -> dict:
     """The run's summary.json and table; a warning for an auxiliary loss that stayed near zero all run."""
     log = print if r.rank == 0 else (lambda *a, **k: None)
     # (a free-bits refund, V²APT's kl_floor, is zero by design once every latent dimension is above its floor)
@@ -215,8 +233,9 @@ def finish(cfg: Config, r, weights, aux_max, best, val_acc, test_acc, wall, img_
             "hardly depend on the image")
     trainable, total_params = r.model.param_counts()
     summary = {"method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "num_classes": len(r.source.classes),
-               "best_val_acc": best["val_acc"], "best_epoch": best["epoch"] + 1, "last_val_acc": val_acc,
-               "test_acc": test_acc, "trainable_params": trainable, "total_params": total_params,
+               "lr": base_lr(cfg), "best_val_acc": best["val_acc"], "best_epoch": best["epoch"] + 1,
+               "last_val_acc": val_acc, "test_acc": test_acc, "best_val_test_acc": best_test,
+               "trainable_params": trainable, "total_params": total_params,
                "trainable_pct": 100 * trainable / total_params, "wall_time_s": wall, "train_img_per_s": img_per_s,
                "device": str(r.device), "precision": "bf16" if r.bf16 else "fp32", "world_size": r.world,
                "aux_near_zero": near_zero, "probe": diagnostics, "run_dir": str(r.out)}
@@ -258,9 +277,10 @@ def check(cfg: Config) -> dict:
     sync(r.device)
     eval_img_s = len(x) / (time.perf_counter() - t)
     epochs = math.ceil(r.total / len(r.loader)) - done // len(r.loader)
-    eval_s = (epochs * len(r.splits["val"]) + len(r.splits["test"])) / r.world / eval_img_s
+    n_test = len(r.splits["test"]) if cfg.eval_test else 0
+    eval_s = (epochs * len(r.splits["val"]) + n_test) / r.world / eval_img_s
     plan = {"method": cfg.method, "dataset": cfg.dataset, "train": len(r.splits["train"]), "val": len(r.splits["val"]),
-            "test": len(r.splits["test"]), "classes": len(r.source.classes), "img_size": cfg.img_size,
+            "test": n_test, "classes": len(r.source.classes), "img_size": cfg.img_size,
             "trainable_params": model.param_counts()[0], "total_params": model.param_counts()[1],
             "device": str(r.device), "precision": "bf16" if r.bf16 else "fp32", "world_size": r.world,
             "steps_per_epoch": len(r.loader), "total_steps": r.total, "step_s": step_s,
