@@ -401,3 +401,25 @@ def test_grid_killed_mid_selection_resumes_without_redoing_finished_runs(real, t
     (final,) = read_results(res / "results.csv")
     chosen = next(float(r["lr"]) for r in read_csv(res / "selection.csv") if r["chosen"] == "1")
     assert final["lr"] == chosen and (res / "paired.csv").is_file()
+
+
+def test_a_run_cut_after_its_last_epoch_is_started_again_not_resumed(tmp_path, monkeypatch):
+    """Killed while scoring test or writing summary.json: every epoch is checkpointed, but --resume refuses a finished
+    run, so the runner starts it afresh; a run cut after an earlier epoch is resumed."""
+    from vapt_min import runner
+    seen = tmp_path / "argv.json"
+    monkeypatch.setattr(runner, "TRAIN", [sys.executable, "-c", "import json, os, sys; "
+                                          "open(os.environ['ARGV_OUT'], 'w').write(json.dumps(sys.argv[1:]))"])
+    monkeypatch.setenv("ARGV_OUT", str(seen))
+    for done_epochs, resumed in ((2, False), (1, True)):
+        run = tmp_path / f"cut{done_epochs}" / "seed0"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"epochs": 2, "max_steps": None}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "step": 5 * e}) + "\n"
+                                                   for e in range(1, done_epochs + 1)))
+        (run / "train_state.pt").write_bytes(b"state")
+        assert runner.trained_to_the_end(run) is not resumed
+        runner.run_one(run, ["--method", "linear"], threads=1)
+        argv = json.loads(seen.read_text())
+        assert (argv[:2] == ["--resume", str(run)]) is resumed
+        assert resumed or (argv[:2] == ["--method", "linear"] and not run.exists())  # afresh: the old folder is gone

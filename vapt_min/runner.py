@@ -45,6 +45,19 @@ def run_dir_of(runs: Path, label: str, task: str, seed: int, lr: float | None = 
     return (base if lr is None else base / f"lr{lr:g}") / f"seed{seed}"
 
 
+def trained_to_the_end(run_dir: Path) -> bool:
+    """Every epoch done (metrics.jsonl reaches config.json's epochs) but no summary.json: the run was cut while scoring
+    test or writing its summary. --resume refuses a finished run, so the runner starts it again."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(rows[-1]) if rows else None
+    except (OSError, ValueError):
+        return False
+    return last is not None and (last.get("epoch", 0) >= cfg.get("epochs", float("inf"))
+                                 or last.get("step", 0) >= (cfg.get("max_steps") or float("inf")))
+
+
 def run_one(run_dir: Path, args: list[str], threads: int) -> tuple[str, int, bool]:
     """Run (or resume, or skip) one run of `args` (train options) in its own process, in run_dir; returns the command
     that reproduces it, the exit code, and whether a process ran (False: it had finished before)."""
@@ -52,9 +65,9 @@ def run_one(run_dir: Path, args: list[str], threads: int) -> tuple[str, int, boo
     command = f"OMP_NUM_THREADS={threads} python -m vapt_min.train " + shlex.join(args)
     if (run_dir / "summary.json").is_file():
         return command, 0, False
-    if (run_dir / "train_state.pt").is_file():     # interrupted after an epoch: continue it
+    if (run_dir / "train_state.pt").is_file() and not trained_to_the_end(run_dir):  # cut after an epoch: continue
         args = ["--resume", str(run_dir)]
-    elif run_dir.exists():                         # interrupted before its first epoch finished: nothing to keep
+    elif run_dir.exists():  # cut before its first epoch ended, or after its last one but before summary.json: again
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
