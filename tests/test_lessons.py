@@ -30,6 +30,7 @@ EXACT = {  # (lesson, a line of the cell) → why its printed digits cannot drif
                                                                                   "the prediction is class 0",
     ("02_vpt_deep", "bound = math.sqrt(6 / (3 * p**2 + D))"): "closed form",
     ("02_vpt_deep", "n_prompts = sum(t.numel() for t in model.generator.parameters())"): "parameter counts",
+    ("02_vpt_deep", "mib = 2 ** 20"): "parameter counts × 8 bytes, to two decimals",
     ("02_vpt_deep", "acc0 = evaluate(untrained, val_loader, cpu, bf16=False)"): "zero head",
     ("03_v2apt", 'print(f"L = {L}, D = {D}, p = {p} | P = {cfg.num_prompts}'): "the configuration",
     ("03_v2apt", 'print("same logits:", logits.shape, "| same KL | loss weights:", model.aux_weights())'): "β as set",
@@ -61,8 +62,10 @@ EXACT = {  # (lesson, a line of the cell) → why its printed digits cannot drif
 
 UNCHECKED = {  # (lesson, a line of the cell) → why an ignored cell asserts nothing itself
     ("00_vit_anatomy", "ms_per_image = (time.perf_counter() - t0) / (3 * len(xb)) * 1000"): "a timing",
-    ("02_vpt_deep", "runs = {m: train(Config(method=m, out=tempfile.mkdtemp(), **budget)) for m in methods}"):
-        "training; the next cell checks the runs",
+    ("02_vpt_deep", "runs = {m: lesson_run(method=m, **{**budget, \"lr\": lr}) for m, lr in lrs.items()}"):
+        "training (or loading lesson 01's runs); the next cell checks the runs",
+    ("02_vpt_deep", "print({m: f\"{r['train_img_per_s']:.0f} img/s\" for m, r in runs.items()}"):
+        "a throughput, a time of the machine",
     ("03_v2apt", 'runs = {m: train(Config(method=m, out=tempfile.mkdtemp(), **budget)) for m in ("vpt-deep", "v2apt")}'):
         "training; the next cell checks the runs",
     ("04_viapt", "sweep = {mm: train(Config(method=\"viapt\", pca_dim=mm"): "training; checked after the sweep",

@@ -73,7 +73,7 @@ def test_prompt_map_spaces_equal_their_definitions():
         shifted.generator.prompts.add_(3.0)
     assert not torch.allclose(prompt_map(shifted, x, space="raw")[0], prompt_map(model, x, space="raw")[0])
     torch.testing.assert_close(prompt_map(shifted, x, space="ln")[0], prompt_map(model, x, space="ln")[0])
-    assert prompt_map(model, x).equal(prompt_map(model, x, space="raw"))  # the default, until lessons 03 and 07 move
+    assert prompt_map(model, x).equal(prompt_map(model, x, space="ln"))  # the default
 
 
 def test_plot_sweep_ticks_every_value_on_a_symlog_axis():

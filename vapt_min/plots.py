@@ -144,7 +144,7 @@ PROMPT_MAP_SPACES = ("raw", "ln", "key-query")
 
 
 @torch.no_grad()
-def prompt_map(model, x: torch.Tensor, which: slice = slice(None), space: str = "raw") -> torch.Tensor:
+def prompt_map(model, x: torch.Tensor, which: slice = slice(None), space: str = "ln") -> torch.Tensor:
     """V²APT's Fig. 3 "prompt map" (our definition; the paper gives no formula): before every block, the cosine
     similarity between each patch token and the prompt tokens entering that block, averaged over the prompts (all
     P, or the slots in `which`), on the patch grid: (L, B, gh, gw). `model`: a PromptedViT with prompts, in eval mode.
