@@ -103,3 +103,17 @@ def test_figures_a_learner_can_read():
                 show_attention(images, [torch.rand(2, 3, 17, 17).softmax(-1)], layers=[0])):
         assert any(ax.get_label() == "<colorbar>" for ax in fig.axes), "a map without a colour bar"
     assert [ax.get_ylabel() for ax in show_prompt_maps(images, maps, labels=["cat", "dog"]).axes[0:4:2]] == ["cat", "dog"]
+
+
+def test_token_sequences_draw_carry_and_replace():
+    import matplotlib
+    matplotlib.use("Agg")
+    from vapt_min.plots import show_token_sequences
+    fig = show_token_sequences(blocks=3, prompts=2, patches=3)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    # Shallow: the learned P only into block 1, then carried Z1, Z2; Deep: fresh P0, P1, P2
+    assert texts.count("P") == 2 and texts.count("Z1") == 2 and texts.count("Z2") == 2
+    assert [texts.count(f"P{b}") for b in range(3)] == [2, 2, 2]
+    assert len([p for p in fig.axes[0].patches if type(p).__name__ == "Rectangle"]) == 2 * 3 * 6
+    with pytest.raises(ValueError, match="shallow or deep"):
+        show_token_sequences(kinds=("viapt",))

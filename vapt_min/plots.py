@@ -297,3 +297,40 @@ def plot_forest(rows: list[dict], tasks: list[str], reference: str = "vpt-deep")
     ax0.set_ylabel("method (mean paired difference, 95 % CI)")
     fig.tight_layout()
     return fig
+
+
+def show_token_sequences(kinds=("shallow", "deep"), blocks: int = 3, prompts: int = 2, patches: int = 3):
+    """The token sequence entering blocks 1..`blocks`, one row per kind, drawn as boxes: CLS, prompts, patches.
+    shallow: the learned P enters block 1 only, then each block's outputs at the prompt slots (Z_i) are carried on;
+    deep: fresh learned P_{i-1} replace them before every block i (VPT, Eqs. 5 and 6)."""
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+    colours = {"cls": "#bdbdbd", "learned": "#f28e2b", "carried": "#fdd0a2", "patch": "#9ecae1"}
+    width = 1 + prompts + patches
+    fig, ax = plt.subplots(figsize=(2.6 * blocks + 1.2, 1.3 * len(kinds) + 0.6))
+    for r, kind in enumerate(kinds):
+        if kind not in ("shallow", "deep"):
+            raise ValueError(f"unknown kind {kind!r}; choose shallow or deep")
+        y = -1.6 * r
+        ax.text(-0.6, y + 0.4, f"VPT-{kind.capitalize()}", ha="right", va="center", fontsize=11)
+        for b in range(blocks):
+            x0 = b * (width + 2.2)
+            learned = kind == "deep" or b == 0
+            labels = ([f"x{b}"] + [f"P{b}" if kind == "deep" else "P" if learned else f"Z{b}"] * prompts
+                      + [f"E{b}"] * patches)
+            for k, label in enumerate(labels):
+                part = "cls" if k == 0 else ("learned" if learned else "carried") if k <= prompts else "patch"
+                ax.add_patch(Rectangle((x0 + k, y), 0.92, 0.8, color=colours[part], ec="k", lw=0.6))
+                ax.text(x0 + k + 0.46, y + 0.4, label, ha="center", va="center", fontsize=8)
+            ax.text(x0 + width / 2, y + 0.95, f"into block {b + 1}", ha="center", fontsize=8)
+            if b < blocks - 1:
+                ax.add_patch(FancyArrowPatch((x0 + width + 0.1, y + 0.4), (x0 + width + 2.0, y + 0.4),
+                                             arrowstyle="->", mutation_scale=12))
+                ax.text(x0 + width + 1.05, y + 0.55, f"L{b + 1}", ha="center", fontsize=8)
+    handles = [Rectangle((0, 0), 1, 1, color=c, ec="k", lw=0.6) for c in colours.values()]
+    ax.legend(handles, ["CLS", "learned prompts", "carried prompt outputs", "patch tokens"], loc="upper center",
+              bbox_to_anchor=(0.5, -0.02), ncol=4, frameon=False, fontsize=8)
+    ax.set_xlim(-3.2, blocks * (width + 2.2) - 1.8)
+    ax.set_ylim(-1.6 * (len(kinds) - 1) - 0.4, 1.3)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
