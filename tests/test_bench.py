@@ -423,3 +423,12 @@ def test_a_run_cut_after_its_last_epoch_is_started_again_not_resumed(tmp_path, m
         argv = json.loads(seen.read_text())
         assert (argv[:2] == ["--resume", str(run)]) is resumed
         assert resumed or (argv[:2] == ["--method", "linear"] and not run.exists())  # afresh: the old folder is gone
+
+
+def test_one_seed_gets_no_standard_deviation():
+    from vapt_min.grid import results_markdown
+    row = {"label": "vpt-deep", "task": "t", "seed": 0, "test_acc": 0.5, "trainable_params": 10, "trainable_pct": 0.1}
+    md = results_markdown([row], ["t"])
+    assert "50.0 (one seed)" in md and "±" not in md
+    md = results_markdown([row, {**row, "seed": 1, "test_acc": 0.6}], ["t"])
+    assert "55.0 ± 7.1" in md

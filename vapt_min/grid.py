@@ -191,7 +191,8 @@ def results_markdown(rows: list[dict], tasks: list[str]) -> str:
         for t in tasks:
             r = summ.get((label, t))
             fewer = f" (n={r['n']})" if r is not None and r["n"] < most else ""
-            cells.append("—" if r is None else f"{r['mean']:.1f} ± {r['std']:.1f}{fewer}")
+            spread = f" ± {r['std']:.1f}" if r is not None and r["n"] > 1 else " (one seed)"  # no std from one run
+            cells.append("—" if r is None else f"{r['mean']:.1f}{spread}{fewer if r['n'] > 1 else ''}")
         lines.append(f"| {label} | {first['trainable_params']:,} | {first['trainable_pct']:.3f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
