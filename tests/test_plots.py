@@ -99,7 +99,7 @@ def test_figures_a_learner_can_read():
     fig = plot_acc_vs_params([{"method": "m", "trainable_params": 10, "test_acc": 0.5}])
     assert fig.axes[0].get_ylabel() == "test accuracy (%)"
     images, maps = torch.randn(2, 3, 32, 32), {"x": torch.rand(2, 4, 4)}
-    for fig in (show_prompt_maps(images, maps, labels=["cat", "dog"]), show_overlays(images, maps),
+    for fig in (show_prompt_maps(images, maps, labels=["cat", "dog"]), show_overlays(images, maps, colorbar=True),
                 show_attention(images, [torch.rand(2, 3, 17, 17).softmax(-1)], layers=[0])):
         assert any(ax.get_label() == "<colorbar>" for ax in fig.axes), "a map without a colour bar"
     assert [ax.get_ylabel() for ax in show_prompt_maps(images, maps, labels=["cat", "dog"]).axes[0:4:2]] == ["cat", "dog"]

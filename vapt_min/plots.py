@@ -229,10 +229,11 @@ def grad_cam(model, x: torch.Tensor, target: torch.Tensor | None = None, block: 
     return rearrange(cam.detach(), "b (gh gw) -> b gh gw", gh=gh)
 
 
-def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: float = 0.5, interpolation="nearest",
-                  **norm):
-    """Rows: images; columns: the image, then each map (title → (B, gh, gw) in [0, 1]) over the image, one cell per
-    patch (interpolation="nearest": a 7×7 map is shown as the 7×7 values it has, not a smooth guess between them)."""
+def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: float = 0.5, interpolation="bilinear",
+                  colorbar: bool = False, **norm):
+    """Rows: images; columns: the image, then each map (title → (B, gh, gw) in [0, 1]) over the image.
+    interpolation="nearest" shows a 7×7 map as the 7×7 values it has, not a smooth guess between them; colorbar adds
+    the scale. (Both off by default until lesson 06, whose saved figures use neither, is re-executed.)"""
     B = images.shape[0]
     fig, axes = plt.subplots(B, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.2 * B), squeeze=False,
                              layout="constrained")
@@ -248,7 +249,8 @@ def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: fl
                 axes[b, j + 1].set_title(title)
         for a in axes[b]:
             a.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.6, label="map value (1 = the image's maximum)")
+    if colorbar:
+        fig.colorbar(im, ax=axes, shrink=0.6, label="map value (1 = the image's maximum)")
     return fig
 
 
