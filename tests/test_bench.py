@@ -432,3 +432,32 @@ def test_one_seed_gets_no_standard_deviation():
     assert "50.0 (one seed)" in md and "±" not in md
     md = results_markdown([row, {**row, "seed": 1, "test_acc": 0.6}], ["t"])
     assert "55.0 ± 7.1" in md
+
+
+def test_a_finished_folder_of_another_v2apt_recipe_is_refused(tmp_path):
+    """The runner reuses a finished run by its folder name: a run of the paper's letter (or of a config from before
+    the options existed) must not pass for today's default V²APT, which encodes block 6 with free bits."""
+    from dataclasses import asdict
+    from vapt_min.runner import check_reuse
+    letter = ["--method", "v2apt", "--encode-at", "0", "--film-init", "small", "--free-bits", "0",
+              "--network-lr-scale", "1"]
+    run = tmp_path / "v2apt" / "cifar10-1k" / "seed0"
+    run.mkdir(parents=True)
+    saved = asdict(T.config_from_args([*letter, "--out", str(run)]))
+    (run / "config.json").write_text(json.dumps(saved))
+    check_reuse(run, letter)                                          # the same recipe: reused
+    with pytest.raises(ValueError, match="another label"):
+        check_reuse(run, ["--method", "v2apt"])                       # the default now: refused
+    for k in ("encode_at", "film_init", "free_bits", "network_lr_scale"):
+        saved.pop(k)                                                  # a folder from before the options existed
+    (run / "config.json").write_text(json.dumps(saved))
+    check_reuse(run, letter)
+    with pytest.raises(ValueError, match="encode_at"):
+        check_reuse(run, ["--method", "v2apt"])
+    deep = tmp_path / "vpt-deep"
+    deep.mkdir()
+    (deep / "config.json").write_text(json.dumps({**saved, "method": "vpt-deep"}))
+    check_reuse(deep, ["--method", "vpt-deep"])                       # no VAE: nothing changed for it
+    with pytest.raises(ValueError, match="vpt-deep"):
+        check_reuse(deep, ["--method", "vpt-shallow"])
+    check_reuse(tmp_path / "never-ran", ["--method", "v2apt"])        # no folder: nothing to check

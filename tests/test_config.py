@@ -158,8 +158,29 @@ def test_network_lr_scale_gives_the_generator_network_its_own_learning_rate(meth
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {names[id(p)] for g in groups for p in g["params"]} == trainable          # every one, once
     assert sum(len(g["params"]) for g in groups) == len(trainable)
-    plain = build_optimizer(T.config_from_args(["--method", method, *one]), model).param_groups   # scale 1: one group
+    plain = build_optimizer(T.config_from_args(["--method", method, "--network-lr-scale", "1", *one]),
+                            model).param_groups                                           # scale 1: one group
     assert len(plain) == 1 and len(plain[0]["params"]) == len(trainable)
+
+
+@pytest.mark.parametrize("args, scale", [
+    (["--method", "v2apt"], 10.0), (["--method", "full-v2apt"], 10.0), (["--method", "full-v2apt", "--no-vae",
+     "--no-vae-slots", "static"], 1.0), (["--method", "vapt"], 1.0), (["--method", "viapt"], 1.0),
+    (["--method", "vpt-deep"], 1.0), (["--method", "v2apt", "--network-lr-scale", "1"], 1.0),
+    (["--method", "v2apt", "--network-lr-scale", "3"], 3.0),
+])
+def test_network_lr_scale_default_is_ten_for_the_vae_alone(args, scale):
+    """Issue 16: the default opens V²APT's latent path with the VAE's encoder and decoder at 10× the lr; every other
+    generator network keeps the shared lr unless asked. Fails if the default is one number for every method."""
+    from vapt_min.build import build_model, build_optimizer, network_lr_scale
+    from vapt_min.vit import ViT, parse_name
+    one = ["--viapt-learnt-lr-scale", "1"] if args[1] in ("viapt", "full-v2apt") else []   # the network's group alone
+    cfg = T.config_from_args([*args, "--lr", "2e-3", *one])
+    assert network_lr_scale(cfg) == scale
+    with torch.device("meta"):
+        model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
+    lrs = sorted(g["lr"] for g in build_optimizer(cfg, model).param_groups)
+    assert lrs == pytest.approx(sorted({2e-3, 2e-3 * scale}))
 
 
 def test_vapt_network_is_its_token_maps_and_projector():

@@ -100,7 +100,8 @@ def test_the_full_model_composes_every_part():
     for h in hooks:
         h.remove()
     assert all(s == (4, 1 + 6 + 9, 192) for s in seen)                     # VPT-Deep's token count in every block
-    assert set(aux) == {"kl", "mg_visual", "mg_cls"} and full.aux_weights() == {"kl": 0.01, "mg_visual": 0.01, "mg_cls": 0.01}
+    assert set(aux) == {"kl", "kl_floor", "mg_visual", "mg_cls"}             # the VAE's free bits by default
+    assert full.aux_weights() == {"kl": 0.01, "kl_floor": 0.01, "mg_visual": 0.01, "mg_cls": 0.01}
     T.total_loss(logits, torch.tensor([0, 1, 2, 3]), aux, full.aux_weights())[0].backward()
     for name in ("generator.vae.film.weight", "generator.vae.base", "generator.domain.prompts", "generator.domain.new.0",
                  "vit.blocks.11.attn.kv_bias"):

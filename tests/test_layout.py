@@ -50,7 +50,7 @@ def test_train_imports_no_method_module():
 
 @pytest.mark.parametrize("cls,fields", [
     (VAEPrompts, {"latent_dim": "latent_dim", "beta": "beta", "eval_samples": "eval_samples", "encode_at": "encode_at",
-                  "film_init": "film_init", "logvar_init": "logvar_init"}),
+                  "film_init": "film_init", "logvar_init": "logvar_init", "free_bits": "free_bits"}),
     (ViaPTPrompts, {"instance": "viapt_instance", "inst_pca_dim": "inst_pca_dim", "refresh": "pca_refresh",
                     "history": "viapt_history"}),
     (AdaptivePrompts, {"kernel": "vapt_kernel", "hidden": "vapt_hidden", "dropout": "vapt_dropout",

@@ -102,7 +102,7 @@ def test_mutual_information_against_numerical_integration():
 
 def test_inserted_scale_names_the_parts_and_they_add_up():
     x = batches(1)[0][0]
-    v2 = model_with(VAEPrompts(P, 2, D, L, 8, latent_dim=4))
+    v2 = model_with(VAEPrompts(P, 2, D, L, 8, latent_dim=4, film_init="small", encode_at=0))   # an image part in every block
     scale = probe.inserted_scale(v2, x)
     assert set(scale) == {"prompts", "instance", "instance base", "instance image part", "domain"}
     assert all(len(v) == L and all(t > 0 for t in v) for v in scale.values())

@@ -8,11 +8,14 @@ from vapt_min.prompts import DeepPrompts, PromptedViT
 from vapt_min.vae_prompt import VAEPrompts, kl_per_dim, kl_standard_normal
 
 P, P_INST, D, L, K = 6, 4, 48, 3, 5
+# The paper's letter: the encoder reads the input embeddings, a small random FiLM (so that images differ from the
+# start), the plain KL. The mechanism tests use it; test_the_defaults_are_the_open_path_levers checks the default.
+LETTER = dict(encode_at=0, film_init="small", free_bits=0.0)
 
 
 def v2apt(**kw):
     torch.manual_seed(1)
-    model = PromptedViT(tiny_vit(), 5, VAEPrompts(P, P_INST, D, L, 8, latent_dim=K, **kw))
+    model = PromptedViT(tiny_vit(), 5, VAEPrompts(P, P_INST, D, L, 8, latent_dim=K, **{**LETTER, **kw}))
     torch.nn.init.normal_(model.head.weight)  # the new head starts at zero: logits would all be 0 and compare equal
     return model
 
@@ -177,4 +180,23 @@ def test_free_bits_floor_each_dimension_and_leave_the_logged_kl_true():
     assert set(aux) == {"kl", "kl_floor"} and aux["kl_floor"].item() >= 0
     torch.testing.assert_close(aux["kl"], kl_standard_normal(*gen.posterior))
     torch.testing.assert_close(aux["kl_floor"], torch.relu(0.3 - kl_per_dim(*gen.posterior)).sum())
-    assert set(v2apt()(torch.randn(2, 3, 32, 32))[1]) == {"kl"}              # off by default: the old objective
+    assert set(v2apt(free_bits=0.0)(torch.randn(2, 3, 32, 32))[1]) == {"kl"}   # 0: the plain KL of Eq. 1
+
+
+def test_the_defaults_are_the_open_path_levers():
+    """Issue 16: the default V²APT encodes the tokens entering the middle block, starts its instance prompts as their
+    bases (zero FiLM) and floors the KL at 0.5 nats per dimension; the letter is the options above."""
+    torch.manual_seed(1)
+    gen = VAEPrompts(P, P_INST, D, 4, 8, latent_dim=K)
+    assert gen.encode_at == 2 and gen.free_bits == 0.5 and gen.loss_weights == {"kl": 0.01, "kl_floor": 0.01}
+    assert VAEPrompts(10, 5, 192, 12, 16).encode_at == 6                     # ViT-Ti/16: block 6 of 12
+    assert gen.film.weight.abs().sum() == 0
+    z = torch.randn(3, K)
+    torch.testing.assert_close(gen.decode(z), gen.base.expand(3, -1, -1, -1))   # every image: its bases, exactly
+    model = PromptedViT(tiny_vit(depth=4), 5, gen).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seq = block_inputs(model, x)
+    mu, logvar = gen.encode(seq[2][:, 1 + P:])                              # the patch tokens entering block 2
+    model(x)
+    torch.testing.assert_close(gen.posterior[0], mu)
+    torch.testing.assert_close(gen.posterior[1], logvar)

@@ -104,7 +104,7 @@ def validate(cfg: Config) -> Config:
             model = build_model(cfg, ViT(num_classes=0, **parse_name(cfg.model)), num_classes=10)
     except ValueError as e:
         raise ValueError(f"invalid config: --method {cfg.method}: {e}") from None
-    if cfg.network_lr_scale != 1 and not (model.generator is not None and model.generator.network):
+    if cfg.network_lr_scale not in (None, 1) and not (model.generator is not None and model.generator.network):
         raise ValueError(f"invalid config: --network-lr-scale {cfg.network_lr_scale}: --method {cfg.method} has no "
                          "generator network (only prompt tensors): drop it")
     given = cfg.viapt_learnt_lr_scale != Config.viapt_learnt_lr_scale    # the default is ignored where unused
@@ -170,13 +170,31 @@ def base_lr(cfg: Config) -> float:
     return cfg.lr or (1e-3 if cfg.optimizer == "adamw" else 0.1) * (0.1 if cfg.method == "full" else 1.0)
 
 
+def network_lr_scale(cfg: Config) -> float:
+    """--network-lr-scale, or its default: 10 for V²APT's VAE (issue 16: with the deeper encoder input and free bits,
+    the encoder and decoder at the prompts' lr leave the latent collapsed; at 10× it carries 3.6-6.8 bits, RESULTS.md),
+    1 for every other generator network (VAPT's token maps, ViaPT's encoder: measured at 1)."""
+    if cfg.network_lr_scale is not None:
+        return cfg.network_lr_scale
+    return 10.0 if cfg.method == "v2apt" or (cfg.method == "full-v2apt" and cfg.vae) else 1.0
+
+
+def vae_recipe(cfg: Config, depth: int = 12) -> dict:
+    """The V²APT options a run trained with, defaults resolved (encode_at None → depth // 2, the network's lr scale),
+    {} for a method without the VAE: what the grid compares before it reuses a finished run under the same label."""
+    if not (cfg.method == "v2apt" or (cfg.method == "full-v2apt" and cfg.vae)):
+        return {}
+    return dict(encode_at=depth // 2 if cfg.encode_at is None else cfg.encode_at, film_init=cfg.film_init,
+                free_bits=cfg.free_bits, logvar_init=cfg.logvar_init, network_lr_scale=network_lr_scale(cfg))
+
+
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     lr = base_lr(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     # a group per multiplier: the generator's network (--network-lr-scale), ViaPT's learnt coordinates
     # (--viapt-learnt-lr-scale) at lr × their scale, everything else at lr
     scale = {}
-    for attr, s in (("network", cfg.network_lr_scale), ("learnt", cfg.viapt_learnt_lr_scale)):
+    for attr, s in (("network", network_lr_scale(cfg)), ("learnt", cfg.viapt_learnt_lr_scale)):
         if s != 1 and model.generator is not None:
             prefixes = getattr(model.generator, attr)
             scale.update({id(p): s for n, p in model.generator.named_parameters() if n.startswith(prefixes)})

@@ -47,21 +47,25 @@ class Config:
                                "or a .safetensors/.pth file or folder")
     img_size: int = opt(112, "input size in pixels (a multiple of the patch size)")
     num_prompts: int = opt(10, "prompt tokens per layer (P)")
-    network_lr_scale: float = opt(1.0, "learning-rate multiplier for a generator's network, not its prompt tensors: "
-                                       "V²APT's encoder and decoder, VAPT's token maps, ViaPT's instance encoder")
+    network_lr_scale: float | None = opt(None, "learning-rate multiplier for a generator's network, not its prompt "
+                                               "tensors: V²APT's encoder and decoder, VAPT's token maps, ViaPT's "
+                                               "instance encoder; default: 10 for V²APT's VAE (v2apt, full-v2apt "
+                                               "with --vae), 1 otherwise")
     # V²APT (and the full V²APT's VAE)
     inst_prompts: int = opt(5, "v2apt: instance prompts per layer (the other num_prompts - inst_prompts are domain "
                                "prompts)")
     latent_dim: int = opt(8, "v2apt: VAE latent size K")
     beta: float = opt(0.01, "v2apt: weight of the KL term, loss = CE + beta * KL")
     eval_samples: int = opt(1, "v2apt, viapt: 1 = inference with z = mu; R > 1 = mean logits of R sampled z")
-    encode_at: int = opt(0, "v2apt: the block whose entering patch tokens the VAE encodes (0: the input embeddings); "
-                            "blocks before it get the prompts of z = 0")
-    film_init: str = opt("small", "v2apt: FiLM decoder weights at the start, small (N(0, 0.02²)) or zero (instance "
-                                  "prompts start as their bases)")
+    encode_at: int | None = opt(None, "v2apt: the block whose entering patch tokens the VAE encodes; none: the middle "
+                                      "block, depth // 2 (6 of ViT-Ti's 12); 0: the input embeddings, the paper's "
+                                      "letter; blocks before it get the prompts of z = 0")
+    film_init: str = opt("zero", "v2apt: FiLM decoder weights at the start, zero (instance prompts start as their "
+                                 "bases) or small (N(0, 0.02²), the package before 2026-12-01)")
     logvar_init: float = opt(0.0, "v2apt: log σ² of the posterior at the start (0: σ = 1)")
-    free_bits: float = opt(0.0, "v2apt: free bits, a KL floor in nats per latent dimension: the loss's KL term is "
-                                "sum_k max(KL_k, free_bits), so a dimension under the floor is not pulled to the prior")
+    free_bits: float = opt(0.5, "v2apt: free bits, a KL floor in nats per latent dimension: the loss's KL term is "
+                                "sum_k max(KL_k, free_bits), so a dimension under the floor is not pulled to the "
+                                "prior; 0: the plain KL of Eq. 1")
     # ViaPT (pca_dim and pca_refresh also for the full V²APT's PCA fusion)
     pca_dim: int = opt(32, "viapt: m, the principal directions of the previous prompt outputs kept before every block "
                            "after the first (0 = VPT-Deep, D = VPT-Shallow)")
@@ -164,7 +168,7 @@ class Config:
         if not self.viapt_learnt_lr_scale > 0:
             raise ValueError(f"--viapt-learnt-lr-scale must be > 0, got {self.viapt_learnt_lr_scale} (1: the same lr "
                              "as the other prompts)")
-        if not self.network_lr_scale > 0:
+        if self.network_lr_scale is not None and not self.network_lr_scale > 0:
             raise ValueError(f"--network-lr-scale must be > 0, got {self.network_lr_scale} (1: the same lr as the "
                              "prompts)")
         if min(self.weight_decay, self.warmup_epochs, self.aux_warmup_epochs) < 0:

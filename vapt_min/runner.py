@@ -58,6 +58,28 @@ def trained_to_the_end(run_dir: Path) -> bool:
                                  or last.get("step", 0) >= (cfg.get("max_steps") or float("inf")))
 
 
+def check_reuse(run_dir: Path, args: list[str]):
+    """A finished run is reused by its folder name alone; refuse it (ValueError) when it trained another method or
+    another V²APT recipe than `args` now mean. V²APT's defaults changed on 2026-12-01 (issue 16): a folder of the
+    paper's letter under the label v2apt must not pass for the new default."""
+    if not (run_dir / "config.json").is_file():
+        return
+    from dataclasses import fields
+    from .build import vae_recipe
+    from .config import Config
+    from .train import config_from_args
+    saved = json.loads((run_dir / "config.json").read_text())
+    known = {f.name for f in fields(Config)}
+    # a folder written before an option existed trained at that option's old default
+    old = Config(**{"encode_at": 0, "film_init": "small", "free_bits": 0.0, "network_lr_scale": 1.0,
+                    **{k: v for k, v in saved.items() if k in known}})
+    new = config_from_args([*args, "--out", str(run_dir)])
+    if (old.method, vae_recipe(old)) != (new.method, vae_recipe(new)):
+        raise ValueError(f"{run_dir} holds a run of --method {old.method} {vae_recipe(old) or ''}, but this entry now "
+                         f"means --method {new.method} {vae_recipe(new) or ''}: give the entry another label (or "
+                         "another --runs folder), or move that folder away")
+
+
 def run_one(run_dir: Path, args: list[str], threads: int) -> tuple[str, int, bool]:
     """Run (or resume, or skip) one run of `args` (train options) in its own process, in run_dir; returns the command
     that reproduces it, the exit code, and whether a process ran (False: it had finished before)."""
@@ -81,6 +103,8 @@ def run_all(jobs: list[tuple], workers: int, threads: int, result):
     summary None for a failed run (the tail of its log printed). result(summary) → the progress line's figure. The
     caller, in the main thread, writes every file."""
     started, ran = time.time(), 0
+    for _, _, run_dir, args in jobs:          # before any process starts: a stale folder is an error, not a result
+        check_reuse(run_dir, args)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = {pool.submit(run_one, run_dir, args, threads): (key, name, run_dir)
                    for key, name, run_dir, args in jobs}

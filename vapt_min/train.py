@@ -175,7 +175,8 @@ def train(cfg: Config) -> dict:
                **{k: v / n for k, v in sums.items()}, **extra, "val_acc": val_acc, "epoch_time_s": time.time() - t_ep}
         if last and cfg.eval_test:
             row["test_acc"] = test_acc
-        dead = [k for k, w in weights.items() if w > 0 and abs(row.get(k, 0.0)) < AUX_ZERO]
+        dead = [k for k, w in weights.items() if w > 0 and abs(row.get(k, 0.0)) < AUX_ZERO
+                and not k.endswith("_floor")]      # a refund (free bits) is zero by design above its floor
         if dead:  # a term that is zero all epoch is not training anything: a bug, or no positives in any batch
             row["warnings"] = [f"auxiliary loss {k!r} was zero all epoch although its weight is {weights[k]}"
                                for k in dead]
