@@ -98,3 +98,27 @@ def test_run_key_names_the_options_and_the_package_source(tmp_path, monkeypatch)
     assert key != scale.run_key({"method": "linear", "epochs": 5})
     (tmp_path / "a.py").write_text("x = 2\n")                              # the package changed: a new run
     assert key != scale.run_key({"method": "linear", "epochs": 4})
+
+
+def test_the_running_log_keeps_one_row_per_lesson_method_and_budget(tmp_path, capsys):
+    from vapt_min.scale import log_result, show_log
+    log = tmp_path / "log.csv"
+    budget = dict(n_train=400, epochs=5, img_size=112, lr=5e-3, test_cap=1000)
+    s = {"method": "vpt-deep", "dataset": "cifar10", "seed": 0, "test_acc": 0.7554}
+    assert log_result("02", s, budget, path=log)["test_acc"] == "75.5"
+    log_result("03", {**s, "test_acc": 0.76}, budget, path=log)
+    log_result("02", {**s, "test_acc": 0.75}, budget, path=log)                  # the lesson re-executed: replaced
+    log_result("02", {**s, "test_acc": 0.80}, {**budget, "epochs": 20}, path=log)  # another budget: a row of its own
+    log_result("01", {**s, "method": "linear", "test_acc": 0.5}, {**budget, "test_cap": None}, path=log)
+    log_result("04", {**s, "method": "viapt"}, budget, label="viapt m=32", path=log)
+    log_result("04", {**s, "method": "viapt"}, budget, label="viapt m=0", path=log)   # a label of its own
+    capsys.readouterr()
+    every = show_log(log)
+    assert [r["method"] for r in every if r["lesson"] == "04"] == ["viapt m=0", "viapt m=32"]
+    rows = [r for r in every if r["lesson"] != "04"]
+    assert [(r["lesson"], r["method"], r["epochs"], r["test_acc"]) for r in rows] == [
+        ("01", "linear", "5", "50.0"), ("02", "vpt-deep", "5", "75.0"), ("02", "vpt-deep", "20", "80.0"),
+        ("03", "vpt-deep", "5", "76.0")]
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 + 6 and "| 01 | linear | cifar10 | 400 | 5 | 112 | 0.005 | 0 | — | 50.0 |" in printed
+    assert show_log(tmp_path / "none.csv") == []

@@ -14,6 +14,10 @@ real regression fails; the cell's printout is `# NBVAL_IGNORE_OUTPUT`.
 Re-setting bands after a change that moves a lesson's numbers (README, Contributing): execute the lesson once with
 VAPT_MIN_BANDS_RECORD=<file>, and every value outside its band is appended to the file instead of stopping the lesson;
 look at each, set its `saved=` to the new run's value where the move is explained, and execute again without it.
+
+`log_result(...)` / `show_log()`: the course's running log. Each lesson trains on its own small budget, so VPT-Deep's
+accuracy differs from lesson to lesson; every training run is logged with its budget, and a lesson shows the log so
+far: the methods on one page, comparable where the budgets agree.
 """
 from __future__ import annotations
 
@@ -97,3 +101,45 @@ def lesson_run(root=None, **options) -> dict:
     if out.exists():
         shutil.rmtree(out)
     return train(Config(out=str(out), **options))
+
+
+def log_path(path=None):
+    import pathlib
+    return pathlib.Path(path) if path is not None else pathlib.Path(__file__).resolve().parents[1] / "runs" / "lessons" / "log.csv"
+
+
+LOG_FIELDS = ("lesson", "method", "dataset", "n_train", "epochs", "img_size", "lr", "seed", "test_images", "test_acc")
+
+
+def log_result(lesson: str, summary: dict, budget: dict, label: str | None = None, path=None) -> dict:
+    """Append one trained run to the course's running log (<repo>/runs/lessons/log.csv), replacing an older row of the
+    same lesson, method (or `label`, e.g. "viapt m=32") and budget, so a re-executed lesson does not count twice. Every lesson logs its runs; `show_log`
+    puts them on one page, with the budget beside each accuracy: two rows compare only where their budgets agree."""
+    import csv
+    path = log_path(path)
+    row = {"lesson": lesson, "method": label or summary["method"], "dataset": summary["dataset"],
+           "n_train": budget.get("n_train", budget.get("shots")), "epochs": budget.get("epochs"),
+           "img_size": budget.get("img_size"), "lr": budget.get("lr"), "seed": summary["seed"],
+           "test_images": budget.get("test_cap"), "test_acc": round(100 * summary["test_acc"], 1)}
+    row = {k: "" if v is None else str(v) for k, v in row.items()}
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    same = [k for k in LOG_FIELDS if k != "test_acc"]
+    rows = [r for r in rows if [r.get(k) for k in same] != [row[k] for k in same]] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, LOG_FIELDS)
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: (r["lesson"], r["method"])))
+    return row
+
+
+def show_log(path=None) -> list[dict]:
+    """Print the running log as a table, lesson by lesson; return its rows."""
+    import csv
+    path = log_path(path)
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    print("| lesson | method | data | train images | epochs | px | lr | seed | test images | test acc (%) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r[k] or "—" for k in LOG_FIELDS) + " |")
+    return rows
