@@ -38,6 +38,8 @@ EXACT = {  # (lesson, a line of the cell) → why its printed digits cannot drif
     ("03_v2apt", "n_b = sum(t.numel() for t in VAEPrompts(P, P_inst, 768, 12, 16, latent_dim=K).parameters())"):
         "parameter counts and their ratio",
     ("03_v2apt", "acc0 = evaluate(untrained, val_loader, cpu, bf16=False)"): "zero head",
+    ("03_v2apt", "gen6 = VAEPrompts(P, P_inst, D, L, p, latent_dim=K)"): "β as set",
+    ("03_v2apt", "names = {id(t): n for n, t in model6.named_parameters()}"): "learning rates as set: 5e-3 and 10× it",
     ("04_viapt", "def grad_through_eigh(cov):"): "float64 closed form 1/δ, printed to one significant digit",
     ("04_viapt", 'print(f"{label}: " + ", ".join(f"m = {mm}: {kept[mm - 1]:.0%}"'):
         "explained variance of the frozen model's tokens in whole percent, far from a rounding edge (96, 99, 100)",
@@ -56,8 +58,15 @@ EXACT = {  # (lesson, a line of the cell) → why its printed digits cannot drif
     ("07_full_v2apt", 'print(f"{name:16s} = {src[\'method\']:8s}: max |Δ logit| = {worst:.1f}'):
         "bit-exact reductions: the difference is exactly 0",
     ("07_full_v2apt", 'print(f"before training (zero head): val accuracy'): "zero head",
-    ("07_full_v2apt", 'rows = read_results(root / "results" / "cpu" / "results.csv")'): "committed results",
-    ("07_full_v2apt", 'seeds = sorted({r["seed"] for r in rows if r["label"] in ABLATION})'): "committed results",
+    ("07_full_v2apt", 'spreads = {"CIFAR-10-1k, 20 epochs, V²APT"'): "committed results (seeds 0-2 of the CSVs) and the "
+                                                                      "paired differences, spreads, MDEs computed from them",
+    ("07_full_v2apt", "count_table = paired_table(count)"): "committed results and their paired table",
+    ("07_full_v2apt", 'after_table = paired_table(after, ["cifar10-1k", "mnist-1k"])'): "committed results and their "
+                                                                                       "paired table",
+    ("07_full_v2apt", "old_table = paired_table(old)"): "committed results and their paired table",
+    ("07_full_v2apt", 'abl = runs("results/issue16/full_v2apt.csv", names, seeds=(0, 1))'): "committed results",
+    ("07_full_v2apt", 'v2 = [r for r in count if r["label"].startswith("V²APT")]'): "committed results",
+    ("07_full_v2apt", 'pick = {("cifar10-1k", "V²APT, levers"): after_table'): "MDEs at the committed spreads",
 }
 
 UNCHECKED = {  # (lesson, a line of the cell) → why an ignored cell asserts nothing itself
@@ -66,7 +75,7 @@ UNCHECKED = {  # (lesson, a line of the cell) → why an ignored cell asserts no
         "training (or loading lesson 01's runs); the next cell checks the runs",
     ("02_vpt_deep", "print({m: f\"{r['train_img_per_s']:.0f} img/s\" for m, r in runs.items()}"):
         "a throughput, a time of the machine",
-    ("03_v2apt", 'runs = {m: train(Config(method=m, out=tempfile.mkdtemp(), **budget)) for m in ("vpt-deep", "v2apt")}'):
+    ("03_v2apt", "runs = {name: train(Config(out=tempfile.mkdtemp(), **budget, **kw)) for name, kw in recipes.items()}"):
         "training; the next cell checks the runs",
     ("04_viapt", "sweep = {mm: train(Config(method=\"viapt\", pca_dim=mm"): "training; checked after the sweep",
     ("04_viapt", "sweep.update({mm: train(Config(method=\"viapt\", pca_dim=mm"): "training; the next cell checks the sweep",
@@ -75,6 +84,8 @@ UNCHECKED = {  # (lesson, a line of the cell) → why an ignored cell asserts no
     ("06_vapt", 'runs = {m: train(Config(method=m, out=tempfile.mkdtemp(), **budget)) for m in ("linear", "vpt-deep", "vapt")}'):
         "training; the next cell checks the runs",
     ("07_full_v2apt", 'run = train(Config(method="full-v2apt", out=tempfile.mkdtemp(), **budget))'):
+        "training; the next cell checks the run",
+    ("07_full_v2apt", 'deep = train(Config(method="vpt-deep", out=tempfile.mkdtemp(), **budget))'):
         "training; the next cell checks the run",
 }
 
