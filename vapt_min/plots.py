@@ -229,11 +229,11 @@ def grad_cam(model, x: torch.Tensor, target: torch.Tensor | None = None, block: 
     return rearrange(cam.detach(), "b (gh gw) -> b gh gw", gh=gh)
 
 
-def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: float = 0.5, interpolation="bilinear",
-                  colorbar: bool = False, **norm):
+def show_overlays(images: torch.Tensor, maps: dict[str, torch.Tensor], alpha: float = 0.5, interpolation="nearest",
+                  colorbar: bool = True, **norm):
     """Rows: images; columns: the image, then each map (title → (B, gh, gw) in [0, 1]) over the image.
-    interpolation="nearest" shows a 7×7 map as the 7×7 values it has, not a smooth guess between them; colorbar adds
-    the scale. (Both off by default until lesson 06, whose saved figures use neither, is re-executed.)"""
+    interpolation="nearest" shows a 7×7 map as the 7×7 values it has, not a smooth guess between them ("bilinear":
+    the smooth picture Grad-CAM papers draw); the colour bar gives the scale."""
     B = images.shape[0]
     fig, axes = plt.subplots(B, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.2 * B), squeeze=False,
                              layout="constrained")
