@@ -1,0 +1,62 @@
+"""The README's front table: every committed paired comparison with VPT-Deep after the fixes of 2026-11-25/12-01,
+read from the per-run CSVs (each row holds the command that made it) and written as paired.csv (the columns of
+issue 17) and paired.md. Run from the repository root: python results/front/make.py
+
+Which runs pair with which: a seed fixes the split and the batch order for every method, and the runs below share the
+recipe (default preset: 20 epochs, 112 px, lr 1e-3; fp32) and the test images of their task, so each method pairs with
+the VPT-Deep runs of its task on the seeds both have. Labels are renamed to the method they are at today's defaults.
+"""
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from vapt_min.evidence import paired_markdown, paired_table, write_paired_csv  # noqa: E402
+from vapt_min.grid import lr_from_command  # noqa: E402
+
+SOURCES = [  # (file, {label in the file: label here})
+    ("results/issue16/v2apt_finals.csv", {"vpt-deep": "vpt-deep", "v2apt, path open": "v2apt"}),
+    ("results/issue16/davpt.csv", {"davpt, raw space, weights 0.01": "davpt"}),
+    ("results/issue16/vapt_20epochs.csv", {"vapt, after": "vapt"}),
+    ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
+                                          "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
+                                          "full-v2apt": "full-v2apt, VAE at the letter"}),
+]
+
+
+def rows():
+    out = []
+    for path, names in SOURCES:
+        with open(ROOT / path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["label"] in names:
+                    out.append({**r, "label": names[r["label"]], "seed": int(r["seed"]),
+                                "lr": r.get("lr") or lr_from_command(r["command"]),
+                                "test_acc": float(r["test_acc"]),
+                                "best_val_test_acc": float(r["best_val_test_acc"]) if r.get("best_val_test_acc") else None})
+    return out
+
+
+def readme_table(table) -> str:
+    """The README's compact form: one line per task and method, the interval and whether it excludes 0."""
+    def num(x):  # a signed figure with the typographic minus
+        return f"{x:+.1f}".replace("-", "−")
+    out = ["| task | method | seeds | test acc (%) | − VPT-Deep, paired [95 % CI] | MDE | resolved |",
+           "|---|---|---|---|---|---|---|"]
+    for r in table:
+        if r["method"] == "vpt-deep":
+            out.append(f"| {r['task']} | VPT-Deep | {r['n_seeds']} | {r['mean_acc']:.1f} | reference | | |")
+        elif r["ci_low"] is not None:
+            sign = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
+            out.append(f"| {r['task']} | {r['method']} | {r['n_seeds']} | {r['mean_acc']:.1f} | {num(r['mean_diff'])} "
+                       f"[{num(r['ci_low'])}, {num(r['ci_high'])}] | {r['mde']:.1f} | {sign} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    table = paired_table(rows(), ["cifar10-1k", "mnist-1k", "struct-count-1k"])
+    write_paired_csv(Path(__file__).parent / "paired.csv", table)
+    md = paired_markdown(table)
+    (Path(__file__).parent / "paired.md").write_text(md + "\n")
+    print(md, readme_table(table), sep="\n\n")
