@@ -179,12 +179,13 @@ def network_lr_scale(cfg: Config) -> float:
     return 10.0 if cfg.method == "v2apt" or (cfg.method == "full-v2apt" and cfg.vae) else 1.0
 
 
-def vae_recipe(cfg: Config, depth: int = 12) -> dict:
-    """The V²APT options a run trained with, defaults resolved (encode_at None → depth // 2, the network's lr scale),
-    {} for a method without the VAE: what the grid compares before it reuses a finished run under the same label."""
+def vae_recipe(cfg: Config) -> dict:
+    """The V²APT options a run trained with, defaults resolved (encode_at None → the model's depth // 2, the network's
+    lr scale), {} for a method without the VAE: what the grid compares before it reuses a finished run by its label."""
     if not (cfg.method == "v2apt" or (cfg.method == "full-v2apt" and cfg.vae)):
         return {}
-    return dict(encode_at=depth // 2 if cfg.encode_at is None else cfg.encode_at, film_init=cfg.film_init,
+    middle = parse_name(cfg.model)["depth"] // 2
+    return dict(encode_at=middle if cfg.encode_at is None else cfg.encode_at, film_init=cfg.film_init,
                 free_bits=cfg.free_bits, logvar_init=cfg.logvar_init, network_lr_scale=network_lr_scale(cfg))
 
 
