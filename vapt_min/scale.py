@@ -104,8 +104,11 @@ def lesson_run(root=None, **options) -> dict:
 
 
 def log_path(path=None):
+    """The running log's file: `path`, or <repo>/runs/lessons/log.csv."""
     import pathlib
-    return pathlib.Path(path) if path is not None else pathlib.Path(__file__).resolve().parents[1] / "runs" / "lessons" / "log.csv"
+    if path is not None:
+        return pathlib.Path(path)
+    return pathlib.Path(__file__).resolve().parents[1] / "runs" / "lessons" / "log.csv"
 
 
 LOG_FIELDS = ("lesson", "method", "dataset", "n_train", "epochs", "img_size", "lr", "seed", "test_images", "test_acc")
@@ -113,8 +116,9 @@ LOG_FIELDS = ("lesson", "method", "dataset", "n_train", "epochs", "img_size", "l
 
 def log_result(lesson: str, summary: dict, budget: dict, label: str | None = None, path=None) -> dict:
     """Append one trained run to the course's running log (<repo>/runs/lessons/log.csv), replacing an older row of the
-    same lesson, method (or `label`, e.g. "viapt m=32") and budget, so a re-executed lesson does not count twice. Every lesson logs its runs; `show_log`
-    puts them on one page, with the budget beside each accuracy: two rows compare only where their budgets agree."""
+    same lesson, method (or `label`, e.g. "viapt m=32") and budget, so a re-executed lesson does not count twice.
+    Every lesson logs its runs; `show_log` puts them on one page, with the budget beside each accuracy: two rows
+    compare only where their budgets agree."""
     import csv
     path = log_path(path)
     row = {"lesson": lesson, "method": label or summary["method"], "dataset": summary["dataset"],
