@@ -22,6 +22,9 @@ SOURCES = [  # (file, {label in the file: label here})
     ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                           "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
+    ("results/struct/position/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
+                                             "v2apt letter": "v2apt, the paper's letter",
+                                             "v2apt levers, network lr x3": "v2apt, network lr x3"}),
 ]
 
 
@@ -55,7 +58,7 @@ def readme_table(table) -> str:
 
 
 if __name__ == "__main__":
-    table = paired_table(rows(), ["cifar10-1k", "mnist-1k", "struct-count-1k"])
+    table = paired_table(rows(), ["cifar10-1k", "mnist-1k", "struct-count-1k", "struct-position-1k"])
     write_paired_csv(Path(__file__).parent / "paired.csv", table)
     md = paired_markdown(table)
     (Path(__file__).parent / "paired.md").write_text(md + "\n")
