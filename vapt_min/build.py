@@ -170,19 +170,24 @@ def base_lr(cfg: Config) -> float:
     return cfg.lr or (1e-3 if cfg.optimizer == "adamw" else 0.1) * (0.1 if cfg.method == "full" else 1.0)
 
 
+def has_vae(cfg: Config) -> bool:
+    """V²APT's VAE is in the model: --method v2apt, or full-v2apt with --vae."""
+    return cfg.method == "v2apt" or (cfg.method == "full-v2apt" and cfg.vae)
+
+
 def network_lr_scale(cfg: Config) -> float:
     """--network-lr-scale, or its default: 10 for V²APT's VAE (issue 16: with the deeper encoder input and free bits,
     the encoder and decoder at the prompts' lr leave the latent collapsed; at 10× it carries 3.6-6.8 bits, RESULTS.md),
     1 for every other generator network (VAPT's token maps, ViaPT's encoder: measured at 1)."""
     if cfg.network_lr_scale is not None:
         return cfg.network_lr_scale
-    return 10.0 if cfg.method == "v2apt" or (cfg.method == "full-v2apt" and cfg.vae) else 1.0
+    return 10.0 if has_vae(cfg) else 1.0
 
 
 def vae_recipe(cfg: Config) -> dict:
     """The V²APT options a run trained with, defaults resolved (encode_at None → the model's depth // 2, the network's
     lr scale), {} for a method without the VAE: what the grid compares before it reuses a finished run by its label."""
-    if not (cfg.method == "v2apt" or (cfg.method == "full-v2apt" and cfg.vae)):
+    if not has_vae(cfg):
         return {}
     middle = parse_name(cfg.model)["depth"] // 2
     return dict(encode_at=middle if cfg.encode_at is None else cfg.encode_at, film_init=cfg.film_init,

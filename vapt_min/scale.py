@@ -22,11 +22,13 @@ far: the methods on one page, comparable where the budgets agree.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .config import PRESETS
 
 ENV = "VAPT_MIN_SCALE"
 RECORD = "VAPT_MIN_BANDS_RECORD"
+LESSON_RUNS = Path(__file__).resolve().parents[1] / "runs" / "lessons"   # lesson_run's folders and the course log
 SCALES = ("cpu", "paper")
 
 
@@ -92,7 +94,7 @@ def lesson_run(root=None, **options) -> dict:
     from .train import Config, train
     if "out" in options:
         raise ValueError("lesson_run chooses the run folder itself; call train(Config(out=...)) for a folder of yours")
-    root = pathlib.Path(root) if root is not None else pathlib.Path(__file__).resolve().parents[1] / "runs" / "lessons"
+    root = pathlib.Path(root) if root is not None else LESSON_RUNS
     out = root / f"{options.get('method', 'vpt-deep')}-{run_key(options)}"
     if (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
@@ -105,10 +107,7 @@ def lesson_run(root=None, **options) -> dict:
 
 def log_path(path=None):
     """The running log's file: `path`, or <repo>/runs/lessons/log.csv."""
-    import pathlib
-    if path is not None:
-        return pathlib.Path(path)
-    return pathlib.Path(__file__).resolve().parents[1] / "runs" / "lessons" / "log.csv"
+    return Path(path) if path is not None else LESSON_RUNS / "log.csv"
 
 
 LOG_FIELDS = ("lesson", "method", "dataset", "n_train", "epochs", "img_size", "lr", "seed", "test_images", "test_acc")
