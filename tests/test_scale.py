@@ -1,4 +1,6 @@
 """The lessons' one switch: VAPT_MIN_SCALE=paper turns a lesson's CPU budget into the papers' scale."""
+import pathlib
+
 import pytest
 
 from vapt_min import scale
@@ -98,6 +100,63 @@ def test_run_key_names_the_options_and_the_package_source(tmp_path, monkeypatch)
     assert key != scale.run_key({"method": "linear", "epochs": 5})
     (tmp_path / "a.py").write_text("x = 2\n")                              # the package changed: a new run
     assert key != scale.run_key({"method": "linear", "epochs": 4})
+
+
+def test_two_kernels_reaching_one_lesson_run_train_it_once(tmp_path, monkeypatch):
+    """`pytest -n 2` executes two notebooks side by side, and lessons 01 and 02 train the same runs: the second kernel
+    waits for the first one's training and loads it (without the lock it removes the half-trained folder and trains
+    again)."""
+    import json
+    import threading
+    import time
+    import vapt_min.train as vtrain
+    calls = []
+
+    def slow_train(cfg):
+        calls.append(cfg)
+        from pathlib import Path
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "metrics.jsonl").write_text("{}\n")
+        time.sleep(0.5)                                                     # training
+        summary = {"method": cfg.method, "test_acc": 0.5, "run_dir": cfg.out}
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary))
+        return summary
+    monkeypatch.setattr(vtrain, "train", slow_train)
+    monkeypatch.delenv(scale.ENV, raising=False)
+    got = []
+    kernels = [threading.Thread(target=lambda: got.append(scale.lesson_run(tmp_path, method="linear", **CPU)))
+               for _ in range(2)]
+    for k in kernels:
+        k.start()
+        time.sleep(0.05)
+    for k in kernels:
+        k.join()
+    assert len(calls) == 1 and len(got) == 2 and got[0] == got[1]
+    assert (pathlib.Path(got[0]["run_dir"]) / "metrics.jsonl").is_file()   # the first run's folder, kept
+
+
+def test_two_lessons_logging_at_once_keep_both_rows(tmp_path, monkeypatch):
+    import csv
+    import threading
+    import time
+    from vapt_min.scale import log_result, show_log
+    log = tmp_path / "log.csv"
+    reader = csv.DictReader
+
+    def slow_reader(*a, **k):                                              # a slow disk: read, then a pause
+        rows = list(reader(*a, **k))
+        time.sleep(0.2)
+        return rows
+    monkeypatch.setattr(csv, "DictReader", slow_reader)
+    budget = dict(n_train=400, epochs=5, img_size=112, lr=5e-3, test_cap=1000)
+    s = {"method": "vpt-deep", "dataset": "cifar10", "seed": 0, "test_acc": 0.75}
+    lessons = [threading.Thread(target=log_result, args=(f"0{i}", s, budget), kwargs={"path": log}) for i in range(4)]
+    for t in lessons:
+        t.start()
+    for t in lessons:
+        t.join()
+    assert sorted(r["lesson"] for r in show_log(log)) == ["00", "01", "02", "03"]
+    assert not log.with_name("log.csv.partial").exists()
 
 
 def test_the_running_log_keeps_one_row_per_lesson_method_and_budget(tmp_path, capsys):

@@ -21,10 +21,16 @@ far: the methods on one page, comparable where the budgets agree.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from .config import PRESETS
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; lessons run one at a time there
+    fcntl = None
 
 ENV = "VAPT_MIN_SCALE"
 RECORD = "VAPT_MIN_BANDS_RECORD"
@@ -71,6 +77,18 @@ def check_band(what: str, value, saved, tol: float):
                              "re-executed and its bands re-set")
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on `path` (created if absent) for the block: two processes that reach one lesson run or
+    the course log at once (`pytest -n 2` executes two notebooks side by side, lessons 01 and 02 train the same runs)
+    take turns, the second one then finds the first one's result. A no-op where fcntl is missing (Windows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def run_key(options: dict) -> str:
     """12 hex digits naming one configuration under one version of the package: the options (sorted) and the bytes
     of every vapt_min/*.py file, so an edited method never reads a run trained by the old code."""
@@ -96,13 +114,14 @@ def lesson_run(root=None, **options) -> dict:
         raise ValueError("lesson_run chooses the run folder itself; call train(Config(out=...)) for a folder of yours")
     root = pathlib.Path(root) if root is not None else LESSON_RUNS
     out = root / f"{options.get('method', 'vpt-deep')}-{run_key(options)}"
-    if (out / "summary.json").is_file():
-        summary = json.loads((out / "summary.json").read_text())
-        print(f"{summary['method']}: loaded the finished run {out} (same options, same package), not trained again")
-        return summary
-    if out.exists():
-        shutil.rmtree(out)
-    return train(Config(out=str(out), **options))
+    with locked(out.with_name(out.name + ".lock")):  # another kernel training this run: wait for it, then load it
+        if (out / "summary.json").is_file():
+            summary = json.loads((out / "summary.json").read_text())
+            print(f"{summary['method']}: loaded the finished run {out} (same options, same package), not trained again")
+            return summary
+        if out.exists():
+            shutil.rmtree(out)
+        return train(Config(out=str(out), **options))
 
 
 def log_path(path=None):
@@ -125,14 +144,16 @@ def log_result(lesson: str, summary: dict, budget: dict, label: str | None = Non
            "img_size": budget.get("img_size"), "lr": budget.get("lr"), "seed": summary["seed"],
            "test_images": budget.get("test_cap"), "test_acc": round(100 * summary["test_acc"], 1)}
     row = {k: "" if v is None else str(v) for k, v in row.items()}
-    rows = list(csv.DictReader(path.open())) if path.is_file() else []
-    same = [k for k in LOG_FIELDS if k != "test_acc"]
-    rows = [r for r in rows if [r.get(k) for k in same] != [row[k] for k in same]] + [row]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, LOG_FIELDS)
-        w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: (r["lesson"], r["method"])))
+    with locked(path.with_name(path.name + ".lock")):  # two lessons logging at once: neither loses the other's rows
+        rows = list(csv.DictReader(path.open())) if path.is_file() else []
+        same = [k for k in LOG_FIELDS if k != "test_acc"]
+        rows = [r for r in rows if [r.get(k) for k in same] != [row[k] for k in same]] + [row]
+        tmp = path.with_name(path.name + ".partial")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, LOG_FIELDS)
+            w.writeheader()
+            w.writerows(sorted(rows, key=lambda r: (r["lesson"], r["method"])))
+        tmp.replace(path)  # show_log in another kernel never reads a half-written file
     return row
 
 
