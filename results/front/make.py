@@ -57,9 +57,36 @@ def readme_table(table) -> str:
     return "\n".join(out)
 
 
+def spent() -> str:
+    """The compute behind the committed per-run CSVs: each training run's wall time (wall_time_s; every grid run ran at
+    1 thread, so wall hours are CPU-core hours), counted once per command. Files without the column are named."""
+    hours, runs, without = {}, {}, []
+    seen = set()
+    for path in sorted((ROOT / "results").rglob("*.csv")):
+        with open(path, newline="") as f:
+            table = list(csv.DictReader(f))
+        if not table or "wall_time_s" not in table[0]:
+            if table and "command" in table[0]:
+                without.append(str(path.relative_to(ROOT)))
+            continue
+        name = str(path.relative_to(ROOT))
+        for r in table:
+            if r["command"] in seen or not r["wall_time_s"]:
+                continue
+            seen.add(r["command"])
+            hours[name] = hours.get(name, 0.0) + float(r["wall_time_s"]) / 3600
+            runs[name] = runs.get(name, 0) + 1
+    lines = ["| per-run CSV | runs | hours (1 core each) |", "|---|---|---|"]
+    lines += [f"| {n} | {runs[n]} | {hours[n]:.1f} |" for n in hours]
+    lines.append(f"| all | {sum(runs.values())} | {sum(hours.values()):.1f} |")
+    if without:
+        lines.append(f"\nNo wall times in {', '.join(without)}.")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     table = paired_table(rows(), ["cifar10-1k", "mnist-1k", "struct-count-1k", "struct-position-1k"])
     write_paired_csv(Path(__file__).parent / "paired.csv", table)
     md = paired_markdown(table)
     (Path(__file__).parent / "paired.md").write_text(md + "\n")
-    print(md, readme_table(table), sep="\n\n")
+    print(md, readme_table(table), spent(), sep="\n\n")
