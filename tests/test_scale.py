@@ -156,7 +156,7 @@ def test_two_lessons_logging_at_once_keep_both_rows(tmp_path, monkeypatch):
     for t in lessons:
         t.join()
     assert sorted(r["lesson"] for r in show_log(log)) == ["00", "01", "02", "03"]
-    assert not log.with_name("log.csv.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "log.csv.lock"]   # no half-written file left
 
 
 def test_the_running_log_keeps_one_row_per_lesson_method_and_budget(tmp_path, capsys):

@@ -78,12 +78,13 @@ def check_band(what: str, value, saved, tol: float):
 
 
 @contextlib.contextmanager
-def locked(path: Path):
-    """Hold an exclusive lock on `path` (created if absent) for the block: two processes that reach one lesson run or
-    the course log at once (`pytest -n 2` executes two notebooks side by side, lessons 01 and 02 train the same runs)
-    take turns, the second one then finds the first one's result. A no-op where fcntl is missing (Windows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+def locked(target: Path):
+    """Hold an exclusive lock on `target` (through the file <target>.lock beside it) for the block: two processes that
+    reach one lesson run or the course log at once (`pytest -n 2` executes two notebooks side by side, lessons 01 and
+    02 train the same runs) take turns, the second one then finds the first one's result. A no-op where fcntl is
+    missing (Windows)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as f:
         if fcntl is not None:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         yield
@@ -94,9 +95,8 @@ def run_key(options: dict) -> str:
     of every vapt_min/*.py file, so an edited method never reads a run trained by the old code."""
     import hashlib
     import json
-    import pathlib
     h = hashlib.sha256(json.dumps({"scale": scale(), **options}, sort_keys=True, default=str).encode())
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+    for path in sorted(Path(__file__).parent.glob("*.py")):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -107,14 +107,13 @@ def lesson_run(root=None, **options) -> dict:
     Lessons 01 and 02 train the same linear probe and VPT-Shallow: the second one to run loads them. A run cut short
     (no summary.json) is trained again from scratch."""
     import json
-    import pathlib
     import shutil
     from .train import Config, train
     if "out" in options:
         raise ValueError("lesson_run chooses the run folder itself; call train(Config(out=...)) for a folder of yours")
-    root = pathlib.Path(root) if root is not None else LESSON_RUNS
+    root = Path(root) if root is not None else LESSON_RUNS
     out = root / f"{options.get('method', 'vpt-deep')}-{run_key(options)}"
-    with locked(out.with_name(out.name + ".lock")):  # another kernel training this run: wait for it, then load it
+    with locked(out):  # another kernel training this run: wait for it, then load it
         if (out / "summary.json").is_file():
             summary = json.loads((out / "summary.json").read_text())
             print(f"{summary['method']}: loaded the finished run {out} (same options, same package), not trained again")
@@ -137,31 +136,39 @@ def log_result(lesson: str, summary: dict, budget: dict, label: str | None = Non
     same lesson, method (or `label`, e.g. "viapt m=32") and budget, so a re-executed lesson does not count twice.
     Every lesson logs its runs; `show_log` puts them on one page, with the budget beside each accuracy: two rows
     compare only where their budgets agree."""
-    import csv
+    from .runs import atomic_write
     path = log_path(path)
     row = {"lesson": lesson, "method": label or summary["method"], "dataset": summary["dataset"],
            "n_train": budget.get("n_train", budget.get("shots")), "epochs": budget.get("epochs"),
            "img_size": budget.get("img_size"), "lr": budget.get("lr"), "seed": summary["seed"],
            "test_images": budget.get("test_cap"), "test_acc": round(100 * summary["test_acc"], 1)}
     row = {k: "" if v is None else str(v) for k, v in row.items()}
-    with locked(path.with_name(path.name + ".lock")):  # two lessons logging at once: neither loses the other's rows
-        rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    with locked(path):  # two lessons logging at once: neither loses the other's rows
         same = [k for k in LOG_FIELDS if k != "test_acc"]
-        rows = [r for r in rows if [r.get(k) for k in same] != [row[k] for k in same]] + [row]
-        tmp = path.with_name(path.name + ".partial")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
-            w.writeheader()
-            w.writerows(sorted(rows, key=lambda r: (r["lesson"], r["method"])))
-        tmp.replace(path)  # show_log in another kernel never reads a half-written file
+        rows = [r for r in read_log(path) if [r.get(k) for k in same] != [row[k] for k in same]] + [row]
+        atomic_write(path, lambda tmp: write_log(tmp, rows))  # another kernel never reads a half-written log
     return row
+
+
+def read_log(path: Path) -> list[dict]:
+    import csv
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_log(path: Path, rows: list[dict]):
+    import csv
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, LOG_FIELDS)
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: (r["lesson"], r["method"])))
 
 
 def show_log(path=None) -> list[dict]:
     """Print the running log as a table, lesson by lesson; return its rows."""
-    import csv
-    path = log_path(path)
-    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    rows = read_log(log_path(path))
     print("| lesson | method | data | train images | epochs | px | lr | seed | test images | test acc (%) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
