@@ -9,9 +9,7 @@ already set.
 """
 import os
 
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from vapt_min.grid import usable_cpus
 
 
 def pytest_xdist_auto_num_workers(config):

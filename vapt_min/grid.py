@@ -96,6 +96,11 @@ def probe_columns(summary: dict) -> dict:
     return cols
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -104,8 +109,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores{gpu}, torch {torch.__version__}"
+    return f"{cpu}, {usable_cpus()} cores{gpu}, torch {torch.__version__}"
 
 
 def option_value(options: list[str], name: str, default=None):
