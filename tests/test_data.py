@@ -159,6 +159,21 @@ def test_folder_source_converts_modes_and_ids_are_global(tmp_path):
         assert img.mode == "RGB" and img.size == (6, 5)
 
 
+def test_image_files_keep_pathlib_order_nested_and_filtered(tmp_path):
+    """The listing (os.walk, for speed) keeps the order of the sorted pathlib listing it replaced: the order the seeded
+    splits index into. Nested folders whose names sort differently as strings and as path parts ("b-c" < "b/" as text,
+    "b" < "b-c" as parts), upper-case suffixes, dot-files and non-images."""
+    for rel in ("b/c.png", "b-c.png", "b/a/z.JPG", "b.d/x.jpeg", "a.txt", "._junk.png", "B.png", "b0.PNG", "b/.hid.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    reference = sorted(p for p in tmp_path.rglob("*")
+                       if p.suffix.lower() in data.IMG_EXTS and not p.name.startswith("."))
+    got = data._image_files(tmp_path)
+    assert got == [str(p) for p in reference]
+    assert [pathlib.Path(f).relative_to(tmp_path).as_posix() for f in got] == [
+        "B.png", "b/a/z.JPG", "b/c.png", "b-c.png", "b.d/x.jpeg", "b0.PNG"]
+
+
 def test_corrupt_image_error_names_the_file(tmp_path):
     png(tmp_path / "train" / "a" / "ok.png", "RGB")
     png(tmp_path / "test" / "a" / "ok.png", "RGB")

@@ -108,9 +108,12 @@ def _missing(path) -> FileNotFoundError:
     return FileNotFoundError(f"no data at {path}; {PREPARE_HINT}")
 
 
-def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMG_EXTS and not p.name.startswith("."))  # skip ._foo.jpg junk
+def _image_files(folder: pathlib.Path) -> list[str]:
+    """Every image under `folder` (sub-folders too), in pathlib's order: by path component. Strings through os.walk,
+    because CIFAR-10 lists 60,000 files on every run and rglob with Path sorting took 0.6 s of it (0.1 s so)."""
+    found = [os.path.join(top, name) for top, _, names in os.walk(folder) for name in names
+             if os.path.splitext(name)[1].lower() in IMG_EXTS and not name.startswith(".")]  # skip ._foo.jpg junk
+    return sorted(found, key=lambda f: f.split(os.sep))
 
 
 def _folder_source(name: str, folder: pathlib.Path, classes=None) -> Source:
@@ -125,7 +128,7 @@ def _folder_source(name: str, folder: pathlib.Path, classes=None) -> Source:
     classes = sorted(found) if classes is None else list(classes)
     if found - set(classes):
         raise ValueError(f"class folders {sorted(found - set(classes))} under {folder} are not in {classes}")
-    samples = {split: Samples([(str(p), y) for y, c in enumerate(classes) for p in _image_files(d / c)], open_rgb)
+    samples = {split: Samples([(p, y) for y, c in enumerate(classes) for p in _image_files(d / c)], open_rgb)
                for split, d in split_dirs.items()}
     return Source(name, classes, samples["train"], samples["test"])
 
