@@ -262,6 +262,23 @@ def test_the_second_column_is_the_best_validation_checkpoint_on_test(real, tmp_p
         assert T.evaluate(model, build_loaders(cfg, splits)[2], dev, use_bf16(cfg, dev)) == s[key], which
 
 
+def test_no_best_val_test_skips_the_second_test_pass(real, tmp_path, monkeypatch):
+    """--no-best-val-test (the lessons' CPU budget): the last epoch's test accuracy only, one pass over the test split."""
+    passes = []
+    evaluate = T.evaluate
+    monkeypatch.setattr(T, "evaluate", lambda model, loader, *a: passes.append(len(loader.dataset)) or
+                        evaluate(model, loader, *a))
+    runs = {}
+    for flag in ("--best-val-test", "--no-best-val-test"):
+        passes.clear()
+        runs[flag] = T.train(T.config_from_args([*TINY_RUN, "--epochs", "3", flag, "--out", str(tmp_path / flag)]))
+        runs[flag]["passes"] = list(passes)
+    on, off = runs["--best-val-test"], runs["--no-best-val-test"]
+    assert on["best_epoch"] < 3, "the best-validation epoch must be an earlier one for this test to bite"
+    assert on["passes"] == [10, 10, 10, 20, 20] and off["passes"] == [10, 10, 10, 20]   # val per epoch, then test
+    assert off["best_val_test_acc"] is None and off["test_acc"] == on["test_acc"] and on["best_val_test_acc"] is not None
+
+
 def test_a_seed_fixes_split_and_batch_order_for_every_method(real, tmp_path, monkeypatch):
     """The pairing's premise: the same seed gives every method the same training and validation images and the same
     batches in the same order, whatever the method draws from the global RNG (V²APT's samples, DA-VPT's hook); and a

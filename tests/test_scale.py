@@ -10,16 +10,20 @@ CPU = dict(n_train=200, n_val=200, epochs=4, warmup_epochs=1, lr=5e-3, img_size=
 
 
 def test_cpu_scale_is_the_budget_as_written(monkeypatch):
+    """As written, and without the best-validation checkpoint's second test pass, which a lesson may ask back."""
     monkeypatch.delenv(scale.ENV, raising=False)
-    assert scale.lesson_budget(**CPU) == CPU
+    assert scale.lesson_budget(**CPU) == {**CPU, "best_val_test": False}
     monkeypatch.setenv(scale.ENV, "cpu")
-    assert scale.lesson_budget(**CPU) == CPU
+    assert scale.lesson_budget(**CPU) == {**CPU, "best_val_test": False}
+    assert scale.lesson_budget(**CPU, best_val_test=True)["best_val_test"] is True
+    Config(method="vpt-deep", **scale.lesson_budget(**CPU)).validate()
 
 
 def test_paper_scale(monkeypatch):
     monkeypatch.setenv(scale.ENV, "paper")
     b = scale.lesson_budget(**CPU)
     assert (b["img_size"], b["epochs"], b["test_cap"], b["n_train"], b["n_val"], b["lr"]) == (224, 100, None, 800, 200, 5e-3)
+    assert "best_val_test" not in b                       # the default: both test columns, as the grid reports them
     Config(method="vpt-deep", **b).validate()
     shots = scale.lesson_budget(protocol="shots", shots=10, n_val=200, epochs=10, img_size=112)
     assert (shots["shots"], shots["img_size"], "n_train" in shots) == (10, 224, False)  # few-shot keeps its shots

@@ -42,6 +42,9 @@ class Config:
     test_cap: int | None = opt(2000, "evaluate on this many test images (fixed subset); none = all")
     eval_test: bool = opt(True, "score the test split after the last epoch; --no-eval-test builds no test split and "
                                 "reads no test image (the grid's learning-rate selection)")
+    best_val_test: bool = opt(True, "also score the best-validation epoch's checkpoint on the test split (summary "
+                                    "best_val_test_acc, the grid's second column): a second pass over the test images "
+                                    "when that epoch is not the last")
     model: str = opt("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "timm ViT name")
     weights: str = opt("auto", "'auto' (<data_root>/weights/<model>/ if present, else the timm hub), 'hub', 'random', "
                                "or a .safetensors/.pth file or folder")

@@ -203,8 +203,8 @@ def train(cfg: Config) -> dict:
 
 def best_epoch_test_acc(cfg: Config, r, best: dict, last_epoch: int, test_acc):
     """Test accuracy of the best-validation epoch (best.safetensors): the grid's second column beside the last epoch's.
-    The model is put back to its last epoch afterwards. None under --no-eval-test."""
-    if not cfg.eval_test:
+    The model is put back to its last epoch afterwards. None under --no-eval-test or --no-best-val-test."""
+    if not (cfg.eval_test and cfg.best_val_test):
         return None
     if best["epoch"] == last_epoch:
         return test_acc
