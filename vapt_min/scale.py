@@ -22,7 +22,11 @@ far: the methods on one page, comparable where the budgets agree.
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 from .config import PRESETS
@@ -96,8 +100,6 @@ def locked(target: Path):
 def run_key(options: dict) -> str:
     """12 hex digits naming one configuration under one version of the package: the options (sorted) and the bytes
     of every vapt_min/*.py file, so an edited method never reads a run trained by the old code."""
-    import hashlib
-    import json
     h = hashlib.sha256(json.dumps({"scale": scale(), **options}, sort_keys=True, default=str).encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         h.update(path.name.encode() + path.read_bytes())
@@ -109,8 +111,6 @@ def lesson_run(root=None, **options) -> dict:
     call with the same options and package (another lesson, a re-run) reads its summary.json instead of training again.
     Lessons 01 and 02 train the same linear probe and VPT-Shallow: the second one to run loads them. A run cut short
     (no summary.json) is trained again from scratch."""
-    import json
-    import shutil
     from .train import Config, train
     if "out" in options:
         raise ValueError("lesson_run chooses the run folder itself; call train(Config(out=...)) for a folder of yours")
@@ -154,7 +154,6 @@ def log_result(lesson: str, summary: dict, budget: dict, label: str | None = Non
 
 
 def read_log(path: Path) -> list[dict]:
-    import csv
     if not path.is_file():
         return []
     with path.open(newline="") as f:
@@ -162,7 +161,6 @@ def read_log(path: Path) -> list[dict]:
 
 
 def write_log(path: Path, rows: list[dict]):
-    import csv
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, LOG_FIELDS)
         w.writeheader()
