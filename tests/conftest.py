@@ -1,6 +1,8 @@
-"""Shared test helpers: `need` for tests that read prepared data, and the `root` fixture."""
+"""Shared test helpers: `need` for tests that read prepared data, the `root` fixture, `run_main` for the CLIs."""
 import os
 import pathlib
+import subprocess
+import warnings
 
 import pytest
 import torch
@@ -41,3 +43,21 @@ def block_inputs(model, x) -> list:
     for h in hooks:
         h.remove()
     return seen
+
+
+def run_main(main, argv, capfd) -> subprocess.CompletedProcess:
+    """`python -m <module> argv` in this process: `main(argv)` with its exit code, stdout and stderr (file descriptors
+    too, so C-level writes count), and every warning it raised appended to stderr as a child process would print it.
+    A child costs 4-9 s of interpreter and torch start-up here, so the error-path tests call main in-process; a few
+    tests still start real processes (test_train.py: a short run and a kill; test_config.py: an unknown option)."""
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capfd.readouterr()
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(list(argv), code, out, err)

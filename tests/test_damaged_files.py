@@ -5,8 +5,6 @@ a run's checkpoints (last/best.safetensors on --resume and on load_run), its tra
 No real data needed: a random ViT-Ti/16 saved by the test, a folder dataset of tiny PNGs.
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +12,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from conftest import run_main
 from vapt_min import train as T
 from vapt_min.vit import ViT, parse_name
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "vapt_min.train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def cli(capfd):
+    """`python -m vapt_min.train` in this process (conftest.run_main): exit code, stdout, stderr with any warnings."""
+    return lambda *args: run_main(T.main, args, capfd)
 
 
 def one_clear_line(r, *names):
@@ -61,8 +60,7 @@ def args(images):
 def run(tmp_path_factory, args):
     """A finished 1-epoch run, resumable with --epochs 2: last, best, train_state and config."""
     out = tmp_path_factory.mktemp("run") / "r"
-    r = cli("--weights", "random", "--epochs", "1", *args, "--out", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
+    T.main(["--weights", "random", "--epochs", "1", *args, "--out", str(out)])
     return out
 
 
@@ -77,7 +75,7 @@ def weights_file(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["text", "truncated", "pth"])
-def test_damaged_weights_file(tmp_path, args, damage):
+def test_damaged_weights_file(tmp_path, args, damage, cli):
     path = weights_file(tmp_path / "w")
     assert cli("--weights", str(path), "--max-steps", "1", *args, "--out", str(tmp_path / "ok")).returncode == 0
     if damage == "text":
@@ -92,7 +90,7 @@ def test_damaged_weights_file(tmp_path, args, damage):
     assert not out.exists(), line
 
 
-def test_damaged_weights_under_the_data_root_name_prepare(tmp_path, args):
+def test_damaged_weights_under_the_data_root_name_prepare(tmp_path, args, cli):
     path = weights_file(tmp_path / "root" / "weights" / MODEL)
     path.write_bytes(path.read_bytes()[:1000])
     out = tmp_path / "new"
@@ -113,7 +111,7 @@ def test_damaged_weights_under_the_data_root_name_prepare(tmp_path, args):
     ("train_state.pt", None),                   # truncated zip
     ("config.json", b"{\"method\": "),
 ])
-def test_damaged_run_file_on_resume(tmp_path, run, name, content):
+def test_damaged_run_file_on_resume(tmp_path, run, name, content, cli):
     folder = tmp_path / "copy"
     folder.mkdir()
     for p in run.iterdir():

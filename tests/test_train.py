@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import need
+from conftest import need, run_main
 from vapt_min import build as B
 from vapt_min import train as T
 from vapt_min.data import data_root
@@ -35,7 +35,14 @@ def metrics_without_times(run_dir) -> list[dict]:
 
 
 def cli(*args, timeout=300):
+    """A real `python -m vapt_min.train` process: for the short run and the kill, the paths a process must take."""
     return subprocess.run([sys.executable, "-m", "vapt_min.train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_here(capfd):
+    """The same CLI in this process (conftest.run_main): exit code, stdout, stderr; no 4-9 s process start."""
+    return lambda *args: run_main(T.main, args, capfd)
 
 
 def test_cli_short_run_writes_everything(real, tmp_path):
@@ -105,9 +112,9 @@ def test_same_seed_same_metrics(real, tmp_path):
     assert metrics_without_times(tmp_path / "a") == metrics_without_times(tmp_path / "b") and a["test_acc"] == b["test_acc"]
 
 
-def test_kill_and_resume_matches_uninterrupted_run(real, tmp_path):
+def test_kill_and_resume_matches_uninterrupted_run(real, tmp_path, cli_here):
     args = ["--epochs", "3", "--n-train", "160", "--n-val", "20", "--test-cap", "40", "--img-size", "64", "--batch-size", "16", "--no-progress"]
-    full = cli("--out", str(tmp_path / "full"), *args)
+    full = cli_here("--out", str(tmp_path / "full"), *args)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "vapt_min.train", "--out", str(out), *args], cwd=REPO,
@@ -119,31 +126,31 @@ def test_kill_and_resume_matches_uninterrupted_run(real, tmp_path):
     p.wait()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) < 3, "the run finished before it could be killed; make the epochs longer"
-    r = cli("--resume", str(out), "--no-progress")
+    r = cli_here("--resume", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert metrics_without_times(out) == metrics_without_times(tmp_path / "full")
 
 
-def test_unknown_dataset_and_missing_data_root(tmp_path):
-    r = cli("--dataset", "imagenet", "--data-root", str(tmp_path), "--weights", "random", *TINY)
+def test_unknown_dataset_and_missing_data_root(tmp_path, cli_here):
+    r = cli_here("--dataset", "imagenet", "--data-root", str(tmp_path), "--weights", "random", *TINY)
     assert r.returncode == 2 and "imagenet" in r.stderr and "cifar10" in r.stderr
-    r = cli("--data-root", str(tmp_path / "nowhere"), "--weights", "random", *TINY)
+    r = cli_here("--data-root", str(tmp_path / "nowhere"), "--weights", "random", *TINY)
     assert r.returncode == 2 and "prepare.py" in r.stderr
 
 
-def test_missing_and_mismatched_weights(real, tmp_path):
-    r = cli("--weights", str(tmp_path / "missing.safetensors"), *TINY)
+def test_missing_and_mismatched_weights(real, tmp_path, cli_here):
+    r = cli_here("--weights", str(tmp_path / "missing.safetensors"), *TINY)
     assert r.returncode == 2 and "prepare.py" in r.stderr
     tiny_dir = data_root() / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    r = cli("--model", "vit_small_patch16_224", "--weights", str(tiny_dir), *TINY)
+    r = cli_here("--model", "vit_small_patch16_224", "--weights", str(tiny_dir), *TINY)
     assert r.returncode == 2 and "pass the model name that matches" in r.stderr
 
 
-def test_existing_run_folder_is_not_overwritten(real, tmp_path):
+def test_existing_run_folder_is_not_overwritten(real, tmp_path, cli_here):
     out = tmp_path / "r"
-    assert cli("--max-steps", "1", "--out", str(out), *TINY).returncode == 0
+    assert cli_here("--max-steps", "1", "--out", str(out), *TINY).returncode == 0
     before = (out / "metrics.jsonl").read_text()
-    r = cli("--max-steps", "1", "--out", str(out), *TINY)
+    r = cli_here("--max-steps", "1", "--out", str(out), *TINY)
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (out / "metrics.jsonl").read_text() == before
 
@@ -262,8 +269,8 @@ def test_nan_loss_in_the_first_epoch_exits_2_naming_step_and_terms(real, tmp_pat
     assert (tmp_path / "r" / "summary.json").exists()
 
 
-def test_check_prints_the_plan_and_writes_nothing(real, tmp_path):
-    r = cli("--check", "--max-steps", "7", "--out", str(tmp_path / "r"), *TINY)
+def test_check_prints_the_plan_and_writes_nothing(real, tmp_path, cli_here):
+    r = cli_here("--check", "--max-steps", "7", "--out", str(tmp_path / "r"), *TINY)
     assert r.returncode == 0, r.stderr
     for line in ["check: the configuration is valid; the data, the weights and two training steps ran; nothing was written",
                  "  method     vpt-deep | trainable params: 24,970 || all params: 5,549,386 || trainable%: 0.4500",
