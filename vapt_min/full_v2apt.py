@@ -82,6 +82,10 @@ class FullV2APTPrompts(PromptGenerator):
         return self.vae is not None
 
     @property
+    def reads_image(self) -> bool:  # --no-vae with the PCA fusion off: every part is VPT-Deep's at evaluation
+        return any(part.reads_image for part in (self.vae, self.static, self.domain) if part is not None)
+
+    @property
     def eval_samples(self) -> int:
         return self.vae.eval_samples if self.vae is not None else 1
 

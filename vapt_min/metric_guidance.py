@@ -246,6 +246,7 @@ class MetricGuidedPrompts(PromptGenerator):
     guided layer adds its L_ML(X, P) and L_ML(P, x_cls) (Eq. 4-5) to aux["mg_visual"] and aux["mg_cls"], averaged over
     the guided layers; weights `lambda_visual` (the paper's β) and `lambda_cls` (λ). A zero weight skips its term.
     """
+    reads_image = False  # at evaluation its prompts are VPT-Deep's: the tokens feed only the training losses
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int, blocks, num_classes: int, *,
                  guided_layers=None, num_guided: int | None = None, lambda_visual: float = 0.01,

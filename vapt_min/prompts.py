@@ -46,6 +46,10 @@ class PromptGenerator(nn.Module):
     Optional parts, with the defaults this class gives; who reads them:
         loss_weights  {}      {name: w}: loss = CE + Σ w·aux[name]; PromptedViT.aux_weights → the loop, benchmarks
         samples       False   True if the prompts are drawn at random (V²APT's VAE, ViaPT's instance branch)
+        reads_image   True    False if at evaluation the prompts never depend on the image (VPT-Shallow/Deep,
+                              DA-VPT, which reads tokens only for its training losses): every run's probe
+                              (probe.cheap) then skips the swap test, which could find nothing; a test holds
+                              each generator to its flag
         eval_samples  1       R: at evaluation, the mean logits of R draws (PromptedViT.forward); only for samples=True
                               (train.validate refuses --eval-samples otherwise; bench infer sets it)
         targets       None    the (B,) labels of the batch being trained on, set by PromptedViT.forward_features before
@@ -70,6 +74,7 @@ class PromptGenerator(nn.Module):
                               lives in buffers, so checkpoints and --resume carry it (DA-VPT's class → prompt map)
     """
     samples = False
+    reads_image = True
     eval_samples = 1
     network: tuple[str, ...] = ()
     learnt: tuple[str, ...] = ()
@@ -117,6 +122,7 @@ def check_prompt_count(num_prompts: int):
 
 class ShallowPrompts(PromptGenerator):
     """VPT-Shallow: P prompts inserted once, before block 0; their outputs are carried through later blocks."""
+    reads_image = False
 
     def __init__(self, num_prompts: int, dim: int, patch_size: int):
         super().__init__()
@@ -130,6 +136,7 @@ class ShallowPrompts(PromptGenerator):
 
 class DeepPrompts(PromptGenerator):
     """VPT-Deep: a fresh set of P prompts before every block, replacing the previous block's prompt outputs."""
+    reads_image = False
 
     def __init__(self, num_prompts: int, dim: int, depth: int, patch_size: int):
         super().__init__()
