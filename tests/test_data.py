@@ -172,6 +172,11 @@ def test_image_files_keep_pathlib_order_nested_and_filtered(tmp_path):
     assert got == [str(p) for p in reference]
     assert [pathlib.Path(f).relative_to(tmp_path).as_posix() for f in got] == [
         "B.png", "b/a/z.JPG", "b/c.png", "b-c.png", "b.d/x.jpeg", "b0.PNG"]
+    flat = tmp_path / "b" / "a"                             # no sub-folders: the plain sort's path
+    for name in ("a-b.png", "a.png", "a0.png", "Y.jpg", "._x.png"):
+        (flat / name).write_bytes(b"")
+    assert data._image_files(flat) == [str(p) for p in sorted(flat.glob("[!.]*.*")) if p.suffix.lower() in data.IMG_EXTS]
+    assert [pathlib.Path(f).name for f in data._image_files(flat)] == ["Y.jpg", "a-b.png", "a.png", "a0.png", "z.JPG"]
 
 
 def test_corrupt_image_error_names_the_file(tmp_path):
