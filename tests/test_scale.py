@@ -185,3 +185,6 @@ def test_the_running_log_keeps_one_row_per_lesson_method_and_budget(tmp_path, ca
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 + 6 and "| 01 | linear | cifar10 | 400 | 5 | 112 | 0.005 | 0 | — | 50.0 |" in printed
     assert show_log(tmp_path / "none.csv") == []
+    capsys.readouterr()
+    assert [r["lesson"] for r in show_log(log, upto="02")] == ["01", "02", "02"]       # what lessons 01-02 have seen
+    assert len(capsys.readouterr().out.splitlines()) == 2 + 3

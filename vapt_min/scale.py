@@ -167,9 +167,10 @@ def write_log(path: Path, rows: list[dict]):
         w.writerows(sorted(rows, key=lambda r: (r["lesson"], r["method"])))
 
 
-def show_log(path=None) -> list[dict]:
-    """Print the running log as a table, lesson by lesson; return its rows."""
-    rows = read_log(log_path(path))
+def show_log(path=None, upto: str | None = None) -> list[dict]:
+    """Print the running log as a table, lesson by lesson; return its rows. `upto` ("03"): only the lessons up to that
+    one, what a learner who went through them in order has seen (the file keeps the rows of every lesson ever run)."""
+    rows = [r for r in read_log(log_path(path)) if upto is None or r["lesson"] <= upto]
     print("| lesson | method | data | train images | epochs | px | lr | seed | test images | test acc (%) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
