@@ -262,8 +262,7 @@ class MetricGuidedPrompts(PromptGenerator):
         if len(blocks) != depth or blocks[0].attn.qkv.in_features != dim:
             raise ValueError(f"blocks do not match depth {depth} and width {dim}: pass vit.blocks of the same ViT")
         if not guided_layers or not all(0 <= i < depth for i in guided_layers):
-            raise ValueError(f"guided_layers must be block indices in [0, {depth}), got {guided_layers}; "
-                             "for no guidance use DeepPrompts")
+            raise ValueError(f"guided_layers: block indices in [0, {depth}), not {guided_layers} (none: DeepPrompts)")
         if min(lambda_visual, lambda_cls) < 0 or alpha <= 0 or delta < 0:
             raise ValueError(f"--mg-visual, --mg-cls and --mg-delta must be >= 0 and --mg-alpha > 0 (lambda_visual, "
                              f"lambda_cls, alpha, delta); got {lambda_visual}, {lambda_cls}, {alpha}, {delta}")
