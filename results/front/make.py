@@ -22,6 +22,7 @@ SOURCES = [  # (file, {label in the file: label here})
     ("results/issue17/cifar10_davpt_vapt_seeds34.csv", {"davpt": "davpt", "vapt": "vapt"}),
     ("results/issue17/cifar10_by_method.csv", {m: m for m in ("linear", "vpt-shallow", "viapt", "full-v2apt", "davpt+",
                                                                 "full")}),
+    ("results/issue17/cifar10_seeds56.csv", {m: m for m in ("vpt-deep", "vapt", "full-v2apt")}),   # 2026-12-02
     ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                           "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
