@@ -1,4 +1,5 @@
-"""Shared test helpers: `need` for tests that read prepared data, the `root` fixture, `run_main` for the CLIs."""
+"""Shared test helpers: `need` for tests that read prepared data, the `root` fixture, `run_main` and `cli_here` for the
+CLIs."""
 import os
 import pathlib
 import subprocess
@@ -61,3 +62,10 @@ def run_main(main, argv, capfd) -> subprocess.CompletedProcess:
     out, err = capfd.readouterr()
     err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     return subprocess.CompletedProcess(list(argv), code, out, err)
+
+
+@pytest.fixture
+def cli_here(capfd):
+    """`python -m vapt_min.train ARGS` in this process (run_main): cli_here(*args) → exit code, stdout, stderr."""
+    from vapt_min.train import main
+    return lambda *args: run_main(main, args, capfd)

@@ -12,17 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import run_main
 from vapt_min import train as T
 from vapt_min.vit import ViT, parse_name
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-
-
-@pytest.fixture
-def cli(capfd):
-    """`python -m vapt_min.train` in this process (conftest.run_main): exit code, stdout, stderr with any warnings."""
-    return lambda *args: run_main(T.main, args, capfd)
 
 
 def one_clear_line(r, *names):
@@ -75,9 +68,9 @@ def weights_file(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["text", "truncated", "pth"])
-def test_damaged_weights_file(tmp_path, args, damage, cli):
+def test_damaged_weights_file(tmp_path, args, damage, cli_here):
     path = weights_file(tmp_path / "w")
-    assert cli("--weights", str(path), "--max-steps", "1", *args, "--out", str(tmp_path / "ok")).returncode == 0
+    assert cli_here("--weights", str(path), "--max-steps", "1", *args, "--out", str(tmp_path / "ok")).returncode == 0
     if damage == "text":
         path.write_text("this is not a checkpoint\n")
     elif damage == "truncated":
@@ -86,20 +79,20 @@ def test_damaged_weights_file(tmp_path, args, damage, cli):
         path = path.with_name("model.pth")
         path.write_text("not a pickle either")
     out = tmp_path / "new"
-    line = one_clear_line(cli("--weights", str(path), *args, "--out", str(out)), path, "damaged", "prepare.py")
+    line = one_clear_line(cli_here("--weights", str(path), *args, "--out", str(out)), path, "damaged", "prepare.py")
     assert not out.exists(), line
 
 
-def test_damaged_weights_under_the_data_root_name_prepare(tmp_path, args, cli):
+def test_damaged_weights_under_the_data_root_name_prepare(tmp_path, args, cli_here):
     path = weights_file(tmp_path / "root" / "weights" / MODEL)
     path.write_bytes(path.read_bytes()[:1000])
     out = tmp_path / "new"
-    one_clear_line(cli("--data-root", str(tmp_path / "root"), *args, "--out", str(out)), path, "prepare.py")
+    one_clear_line(cli_here("--data-root", str(tmp_path / "root"), *args, "--out", str(out)), path, "prepare.py")
     assert not out.exists()
     (path.parent / "model.safetensors").unlink()
     weights_file(path.parent)
     (path.parent / "config.json").write_text("{ not json")
-    one_clear_line(cli("--data-root", str(tmp_path / "root"), *args, "--out", str(out)), path.parent / "config.json",
+    one_clear_line(cli_here("--data-root", str(tmp_path / "root"), *args, "--out", str(out)), path.parent / "config.json",
                    "damaged", "prepare.py")
     assert not out.exists()
 
@@ -111,7 +104,7 @@ def test_damaged_weights_under_the_data_root_name_prepare(tmp_path, args, cli):
     ("train_state.pt", None),                   # truncated zip
     ("config.json", b"{\"method\": "),
 ])
-def test_damaged_run_file_on_resume(tmp_path, run, name, content, cli):
+def test_damaged_run_file_on_resume(tmp_path, run, name, content, cli_here):
     folder = tmp_path / "copy"
     folder.mkdir()
     for p in run.iterdir():
@@ -119,7 +112,7 @@ def test_damaged_run_file_on_resume(tmp_path, run, name, content, cli):
     path = folder / name
     path.write_bytes(content if content is not None else path.read_bytes()[: path.stat().st_size // 2])
     before = snapshot(folder)
-    one_clear_line(cli("--resume", str(folder), "--epochs", "2", "--no-progress"), path, "damaged", "another run")
+    one_clear_line(cli_here("--resume", str(folder), "--epochs", "2", "--no-progress"), path, "damaged", "another run")
     assert snapshot(folder) == before  # nothing written, nothing lost
 
 

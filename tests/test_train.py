@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import need, run_main
+from conftest import need
 from vapt_min import build as B
 from vapt_min import train as T
 from vapt_min.data import data_root
@@ -37,12 +37,6 @@ def metrics_without_times(run_dir) -> list[dict]:
 def cli(*args, timeout=300):
     """A real `python -m vapt_min.train` process: for the short run and the kill, the paths a process must take."""
     return subprocess.run([sys.executable, "-m", "vapt_min.train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def cli_here(capfd):
-    """The same CLI in this process (conftest.run_main): exit code, stdout, stderr; no 4-9 s process start."""
-    return lambda *args: run_main(T.main, args, capfd)
 
 
 def test_cli_short_run_writes_everything(real, tmp_path):
