@@ -125,6 +125,32 @@ def test_transform_gives_normalised_tensor(cifar):
         build_transform(112, (0.5,) * 3, (0.5,) * 3, interpolation="lanczos5")
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_transform_equals_torchvision(interpolation):
+    """Our Transform is torchvision's Resize + ToTensor + Normalize, bit for bit, on an RGB photo-like image, a
+    grayscale one (converted as the loaders do) and an upscale and a downscale."""
+    from torchvision import transforms
+    g = np.random.default_rng(0)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet's: not all equal, so channels cannot mix
+    images = [Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+              Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).convert("RGB"),
+              Image.fromarray(g.integers(0, 256, (300, 260, 3), dtype=np.uint8))]
+    mode = transforms.InterpolationMode(interpolation)
+    for size in (112, 224):
+        ref = transforms.Compose([transforms.Resize((size, size), interpolation=mode), transforms.ToTensor(),
+                                  transforms.Normalize(mean, std)])
+        ours = build_transform(size, mean, std, interpolation)
+        for img in images:
+            assert torch.equal(ours(img), ref(img))
+
+
+def test_importing_the_package_does_not_import_torchvision():
+    """The transform is ours, so a process that trains imports no torchvision (2 s of its start)."""
+    code = "import sys, vapt_min.train, vapt_min.bench; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_real_mnist_counts():
     need(data_root() / "mnist" / "mnist.npz")
     m = load_source("mnist")
