@@ -315,8 +315,9 @@ INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest
 class Transform:
     """PIL image -> (3, S, S) normalised tensor: resized by PIL, scaled to [0, 1], x -> (x - mean) / std per channel.
     What torchvision's Resize((S, S)) + ToTensor() + Normalize(mean, std) compute, bit for bit (tests/test_data.py),
-    written out so that importing the package does not import torchvision: its import took 1.4 s (python -X importtime,
-    2026-12-02), paid by every process the grid and the tests start (a short grid run: 6.4 -> 5.4 s). torchvision is still what
+    written out so that importing the package does not import torchvision: its import took 1.4 s
+    (python -X importtime, 2026-12-02), paid by every process the grid and the tests start (a short grid run: 6.4 ->
+    5.4 s). torchvision is still what
     downloads CIFAR-10 and MNIST online."""
 
     def __init__(self, img_size: int, mean, std, interpolation: str = "bicubic"):
