@@ -145,7 +145,7 @@ def test_transform_equals_torchvision(interpolation):
 
 
 def test_importing_the_package_does_not_import_torchvision():
-    """The transform is ours, so a process that trains imports no torchvision (2 s of its start)."""
+    """The transform is ours, so a process that trains imports no torchvision (about 1 s of its start)."""
     code = "import sys, vapt_min.train, vapt_min.bench; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -315,12 +315,13 @@ INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest
 class Transform:
     """PIL image -> (3, S, S) normalised tensor: resized by PIL, scaled to [0, 1], x -> (x - mean) / std per channel.
     What torchvision's Resize((S, S)) + ToTensor() + Normalize(mean, std) compute, bit for bit (tests/test_data.py),
-    written out so that importing the package does not import torchvision: its import took 1.4 s
-    (python -X importtime, 2026-12-02), paid by every process the grid and the tests start (a short grid run: 6.4 ->
-    5.4 s). torchvision is still what
-    downloads CIFAR-10 and MNIST online."""
+    written out so that importing the package does not import torchvision: its import took 1.4 s (python -X
+    importtime, 2026-12-02), paid by every process the grid and the tests start (a short grid run: 6.4 -> 5.4 s).
+    torchvision is still what downloads CIFAR-10 and MNIST online."""
 
     def __init__(self, img_size: int, mean, std, interpolation: str = "bicubic"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
         self.size, self.filter = img_size, INTERPOLATIONS[interpolation]
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -336,6 +337,4 @@ def build_transform(img_size: int, mean, std, interpolation: str = "bicubic") ->
     No augmentation: VTAB-1k practice (followed by VPT and its successors) trains on the plain resized
     images, so results compare the prompts rather than the augmentation recipe. No centre crop either:
     at 32x32 (CIFAR) or 28x28 (MNIST) a crop would cut away object, not border."""
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
     return Transform(img_size, mean, std, interpolation)
