@@ -24,6 +24,7 @@ SOURCES = [  # (file, {label in the file: label here})
                                                                 "full")}),
     ("results/issue17/cifar10_seeds56.csv", {m: m for m in ("vpt-deep", "vapt", "full-v2apt")}),   # 2026-12-02
     ("results/issue17/cifar10_seeds56b.csv", {m: m for m in ("vpt-shallow", "full")}),   # 2026-12-02, later
+    ("results/issue17/cifar10_seeds78.csv", {m: m for m in ("vpt-deep", "full")}),   # 2026-12-02, session 28
     ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                           "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
