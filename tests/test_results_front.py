@@ -1,0 +1,55 @@
+"""The README's front table, results/front/paired.csv and .md, and RESULTS.md's compute table are regenerated from the
+committed per-run CSVs by results/front/make.py: each must equal what that script computes now, so every figure in them
+traces to rows that hold the command that made them (issue 17). Fails when a CSV is added or changed and the tables
+were not regenerated, or when a table was edited by hand."""
+import csv
+import importlib.util
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FRONT = REPO / "results" / "front"
+
+
+def make():
+    spec = importlib.util.spec_from_file_location("front_make", FRONT / "make.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def between(text, start, end):
+    a = text.index(start) + len(start)
+    return text[a:text.index(end, a)].strip()
+
+
+def test_front_table_paired_csv_and_compute_table_are_regenerated():
+    m = make()
+    table = m.paired_table(m.rows(), ["cifar10-1k", "mnist-1k", "struct-count-1k", "struct-position-1k"])
+    readme = (REPO / "README.md").read_text()
+    assert between(readme, "<!-- front table: python results/front/make.py -->", "<!-- end front table -->") == \
+        m.readme_table(table)
+    assert (FRONT / "paired.md").read_text().strip() == m.paired_markdown(table)
+    with open(FRONT / "paired.csv", newline="") as f:
+        committed = list(csv.DictReader(f))
+    assert list(committed[0]) == ["task", "method", "n_seeds", "lr", "mean_acc", "mean_diff", "ci_low", "ci_high"]
+    assert [(r["task"], r["method"], int(r["n_seeds"])) for r in committed] == [
+        (r["task"], r["method"], r["n_seeds"]) for r in table]
+    for c, r in zip(committed, table):
+        assert abs(float(c["mean_acc"]) - r["mean_acc"]) < 1e-3, (c, r)
+        for k in ("mean_diff", "ci_low", "ci_high"):
+            if r[k] is not None:
+                assert abs(float(c[k]) - r[k]) < 1e-3, (k, c, r)
+    results = (REPO / "RESULTS.md").read_text()
+    compute = results[results.index("| per-run CSV | runs | hours (1 core each) |"):]
+    assert compute.startswith(m.spent().split("\n\n")[0])
+
+
+def test_results_md_cifar_table_is_the_front_tables_rows():
+    """RESULTS.md's CIFAR-10-1k table is paired.md's CIFAR-10-1k rows without the best-validation columns."""
+    md = [l for l in (FRONT / "paired.md").read_text().splitlines() if l.startswith("| cifar10-1k |")]
+    want = ["|".join(l.split("|")[:8]) + "|" for l in md]
+    results = (REPO / "RESULTS.md").read_text()
+    section = results[results.index("## CIFAR-10-1k: more methods paired with VPT-Deep"):]
+    got = re.findall(r"^\| cifar10-1k \|.*$", section.split("\n## ")[0], flags=re.M)
+    assert got == want
