@@ -30,6 +30,7 @@ SOURCES = [  # (file, {label in the file: label here})
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
     ("results/struct/count/linear_shallow.csv", {"linear": "linear", "vpt-shallow": "vpt-shallow"}),   # 2026-12-02
     ("results/struct/count/davpt.csv", {"davpt": "davpt", "davpt+": "davpt+"}),   # 2026-12-02
+    ("results/struct/count/seeds56.csv", {"vpt-deep": "vpt-deep", "linear": "linear"}),   # 2026-12-02, later
     ("results/struct/position/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                              "v2apt letter": "v2apt, the paper's letter",
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
