@@ -24,7 +24,7 @@ SOURCES = [  # (file, {label in the file: label here})
                                                                 "full")}),
     ("results/issue17/cifar10_seeds56.csv", {m: m for m in ("vpt-deep", "vapt", "full-v2apt")}),   # 2026-12-02
     ("results/issue17/cifar10_seeds56b.csv", {m: m for m in ("vpt-shallow", "full")}),   # 2026-12-02, later
-    ("results/issue17/cifar10_seeds78.csv", {m: m for m in ("vpt-deep", "full")}),   # 2026-12-02, session 28
+    ("results/issue17/cifar10_seeds78.csv", {m: m for m in ("vpt-deep", "full")}),   # 2026-12-02, later still
     ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                           "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
@@ -35,6 +35,9 @@ SOURCES = [  # (file, {label in the file: label here})
                                              "v2apt letter": "v2apt, the paper's letter",
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
 ]
+
+
+TASKS = ["cifar10-1k", "mnist-1k", "struct-count-1k", "struct-position-1k"]   # the front table's, in this order
 
 
 def rows():
@@ -94,7 +97,7 @@ def spent() -> str:
 
 
 if __name__ == "__main__":
-    table = paired_table(rows(), ["cifar10-1k", "mnist-1k", "struct-count-1k", "struct-position-1k"])
+    table = paired_table(rows(), TASKS)
     write_paired_csv(Path(__file__).parent / "paired.csv", table)
     md = paired_markdown(table)
     (Path(__file__).parent / "paired.md").write_text(md + "\n")
