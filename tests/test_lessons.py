@@ -205,3 +205,33 @@ def test_every_listed_time_exists():
         md = [c for c in json.loads((LESSONS[0].parent / f"{lesson}.ipynb").read_text())["cells"]
               if c["cell_type"] == "markdown" and claim in "".join(c["source"])]
         assert len(md) == 1, f"{lesson}: {len(md)} markdown cells contain {claim!r}"
+
+
+def exercise_numbers(path) -> list[int]:
+    """The numbers of a lesson's exercises: the `N. ` items of its `## [k. ]Exercises` section, up to the next heading."""
+    cells = json.loads(path.read_text())["cells"]
+    src = next("".join(c["source"]) for c in cells if c["cell_type"] == "markdown"
+               and re.search(r"^## (\d+\. )?Exercises", "".join(c["source"]), flags=re.M))
+    section = re.split(r"^## (?:\d+\. )?Exercises.*$", src, flags=re.M)[1]
+    section = re.split(r"^#{1,2} ", section, flags=re.M)[0]
+    return [int(n) for n in re.findall(r"^(\d+)\. ", section, flags=re.M)]
+
+
+@pytest.mark.parametrize("nb", LESSONS, ids=lambda p: p.stem)
+def test_every_exercise_has_a_solution_that_runs(nb):
+    """Issue 18: each exercise of a lesson has a `## Exercise N` section in lessons/solutions/NN_solutions.ipynb with
+    at least one code cell, which `pytest --nbval` executes."""
+    want = exercise_numbers(nb)
+    assert want and want == list(range(1, len(want) + 1)), (nb.stem, want)
+    (sol,) = [p for p in SOLUTIONS if p.name.startswith(nb.stem[:2] + "_")]
+    code_under = {}
+    current = None
+    for c in json.loads(sol.read_text())["cells"]:
+        heading = re.search(r"^## Exercise (\d+)", "".join(c["source"]), flags=re.M)
+        if c["cell_type"] == "markdown" and heading:
+            current = int(heading[1])
+            code_under[current] = 0
+        elif c["cell_type"] == "code" and current is not None and "".join(c["source"]).strip():
+            code_under[current] += 1
+    assert sorted(code_under) == want, (sol.name, sorted(code_under), want)
+    assert all(code_under[k] for k in want), (sol.name, code_under)
