@@ -235,3 +235,30 @@ def test_every_exercise_has_a_solution_that_runs(nb):
             code_under[current] += 1
     assert sorted(code_under) == want, (sol.name, sorted(code_under), want)
     assert all(code_under[k] for k in want), (sol.name, code_under)
+
+
+def test_lesson_02_retrains_nothing_from_lesson_01(monkeypatch):
+    """Issue 18: lesson 02's linear probe and VPT-Shallow are lesson 01's runs. Both lessons' budgets and learning
+    rates, read from their cells, give the same scale.run_key, so scale.lesson_run (tests/test_scale.py: one training
+    per key) loads them in whichever lesson runs second; full fine-tuning is trained in lesson 02 only."""
+    from vapt_min import scale
+    monkeypatch.delenv(scale.ENV, raising=False)
+
+    def code(stem):
+        path = next(p for p in LESSONS if p.stem.startswith(stem))
+        return "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+
+    def line(src, start):
+        (hit,) = re.findall(rf"^{re.escape(start)}.*$", src, flags=re.M)
+        return hit
+
+    one, two = code("01_"), code("02_")
+    ns1, ns2 = {"lesson_budget": scale.lesson_budget}, {"lesson_budget": scale.lesson_budget}
+    exec(line(one, "budget = lesson_budget("), ns1)
+    exec(line(two, "budget = lesson_budget("), ns2)
+    exec(line(two, "lrs = {"), ns2)
+    assert re.findall(r'\brun\("([\w-]+)"\)', one) == ["linear", "vpt-shallow"]    # lesson 01: no other options
+    for m in ("linear", "vpt-shallow"):
+        assert scale.run_key({"method": m, **ns1["budget"]}) == \
+            scale.run_key({"method": m, **{**ns2["budget"], "lr": ns2["lrs"][m]}}), m
+    assert "full" in ns2["lrs"]
