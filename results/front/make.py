@@ -1,6 +1,7 @@
 """The README's front table: every committed paired comparison with VPT-Deep after the fixes of 2026-11-25/12-01,
 read from the per-run CSVs (each row holds the command that made it) and written as paired.csv (the columns of
-issue 17) and paired.md. Run from the repository root: python results/front/make.py
+issue 17), paired.md and paired_forest.png (one panel per task), and put into the README's front table and
+RESULTS.md's compute table. Run from the repository root: python results/front/make.py
 
 Which runs pair with which: a seed fixes the split and the batch order for every method, and the runs below share the
 recipe (default preset: 20 epochs, 112 px, lr 1e-3; fp32) and the test images of their task, so each method pairs with
@@ -31,6 +32,7 @@ SOURCES = [  # (file, {label in the file: label here})
     ("results/struct/count/linear_shallow.csv", {"linear": "linear", "vpt-shallow": "vpt-shallow"}),   # 2026-12-02
     ("results/struct/count/davpt.csv", {"davpt": "davpt", "davpt+": "davpt+"}),   # 2026-12-02
     ("results/struct/count/seeds56.csv", {"vpt-deep": "vpt-deep", "linear": "linear"}),   # 2026-12-02, later
+    ("results/struct/count/seeds78.csv", {"vpt-deep": "vpt-deep", "linear": "linear"}),   # 2026-12-02, evening
     ("results/struct/position/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                              "v2apt letter": "v2apt, the paper's letter",
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
@@ -96,9 +98,25 @@ def spent() -> str:
     return "\n".join(lines)
 
 
+def write_docs(table):
+    """Put the front table into the README (between its markers) and the compute table into RESULTS.md (up to the
+    paragraph that follows it), the two places tests/test_results_front.py holds to this script's output."""
+    start, end = "<!-- front table: python results/front/make.py -->", "<!-- end front table -->"
+    readme = (ROOT / "README.md").read_text()
+    a, b = readme.index(start) + len(start), readme.index(end)
+    (ROOT / "README.md").write_text(readme[:a] + "\n" + readme_table(table) + "\n" + readme[b:])
+    head, tail = "| per-run CSV | runs | hours (1 core each) |", "\n\nLesson executions"
+    results = (ROOT / "RESULTS.md").read_text()
+    a, b = results.index(head), results.index(tail)
+    (ROOT / "RESULTS.md").write_text(results[:a] + spent() + results[b:])
+
+
 if __name__ == "__main__":
     table = paired_table(rows(), TASKS)
     write_paired_csv(Path(__file__).parent / "paired.csv", table)
     md = paired_markdown(table)
     (Path(__file__).parent / "paired.md").write_text(md + "\n")
+    from vapt_min.plots import plot_forest   # matplotlib only here: the tests import this file for its tables
+    plot_forest(table, TASKS).savefig(Path(__file__).parent / "paired_forest.png", dpi=110)
+    write_docs(table)
     print(md, readme_table(table), spent(), sep="\n\n")
