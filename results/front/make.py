@@ -36,6 +36,8 @@ SOURCES = [  # (file, {label in the file: label here})
     ("results/struct/position/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                              "v2apt letter": "v2apt, the paper's letter",
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
+    ("results/struct/position/seeds34.csv", {m: m for m in ("vpt-deep", "davpt", "davpt+")}),   # 2026-12-02, evening
+    ("results/struct/position/davpt.csv", {m: m for m in ("davpt", "davpt+")}),   # 2026-12-02, evening
 ]
 
 
