@@ -1,7 +1,8 @@
 """The README's front table: every committed paired comparison with VPT-Deep after the fixes of 2026-11-25/12-01,
 read from the per-run CSVs (each row holds the command that made it) and written as paired.csv (the columns of
 issue 17), paired.md and paired_forest.png (one panel per task), and put into the README's front table and
-RESULTS.md's compute table. Run from the repository root: python results/front/make.py
+RESULTS.md's compute table. Run from the repository root: python results/front/make.py, then re-execute lesson 07,
+whose section 6.3 prints paired.csv (pytest --nbval compares it).
 
 Which runs pair with which: a seed fixes the split and the batch order for every method, and the runs below share the
 recipe (default preset: 20 epochs, 112 px, lr 1e-3; fp32) and the test images of their task, so each method pairs with
@@ -38,10 +39,12 @@ SOURCES = [  # (file, {label in the file: label here})
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
     ("results/struct/position/seeds34.csv", {m: m for m in ("vpt-deep", "davpt", "davpt+")}),   # 2026-12-02, evening
     ("results/struct/position/davpt.csv", {m: m for m in ("davpt", "davpt+")}),   # 2026-12-02, evening
+    ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt", "viapt",
+                                                             "vapt", "davpt", "davpt+", "full-v2apt")}),   # 2026-12-02
 ]
 
 
-TASKS = ["cifar10-1k", "mnist-1k", "struct-count-1k", "struct-position-1k"]   # the front table's, in this order
+TASKS = ["cifar10-1k", "mnist-1k", "cifar10-10shot", "struct-count-1k", "struct-position-1k"]   # the front table's, in this order
 
 
 def rows():
