@@ -39,12 +39,14 @@ SOURCES = [  # (file, {label in the file: label here})
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
     ("results/struct/position/seeds34.csv", {m: m for m in ("vpt-deep", "davpt", "davpt+")}),   # 2026-12-02, evening
     ("results/struct/position/davpt.csv", {m: m for m in ("davpt", "davpt+")}),   # 2026-12-02, evening
-    ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt", "viapt",
-                                                             "vapt", "davpt", "davpt+", "full-v2apt")}),   # 2026-12-02
+    ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
+                                                             "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
+    # 2026-12-02, the last one
 ]
 
 
-TASKS = ["cifar10-1k", "mnist-1k", "cifar10-10shot", "struct-count-1k", "struct-position-1k"]   # the front table's, in this order
+# the front table's tasks, in this order
+TASKS = ["cifar10-1k", "mnist-1k", "cifar10-10shot", "struct-count-1k", "struct-position-1k"]
 
 
 def rows():
@@ -56,7 +58,8 @@ def rows():
                     out.append({**r, "label": names[r["label"]], "seed": int(r["seed"]),
                                 "lr": r.get("lr") or lr_from_command(r["command"]),
                                 "test_acc": float(r["test_acc"]),
-                                "best_val_test_acc": float(r["best_val_test_acc"]) if r.get("best_val_test_acc") else None})
+                                "best_val_test_acc": (float(r["best_val_test_acc"]) if r.get("best_val_test_acc")
+                                                      else None)})
     return out
 
 
