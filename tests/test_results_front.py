@@ -27,15 +27,14 @@ def test_front_table_paired_csv_and_compute_table_are_regenerated(tmp_path):
     m = make()
     table = m.paired_table(m.rows(), m.TASKS)
     readme = (REPO / "README.md").read_text()
-    assert between(readme, "<!-- front table: python results/front/make.py -->", "<!-- end front table -->") == \
-        m.readme_table(table)
+    assert between(readme, m.FRONT_START, m.FRONT_END) == m.readme_table(table)
     assert (FRONT / "paired.md").read_text().strip() == m.paired_markdown(table)
     m.write_paired_csv(tmp_path / "paired.csv", table)
     assert (FRONT / "paired.csv").read_text() == (tmp_path / "paired.csv").read_text()
     with open(FRONT / "paired.csv", newline="") as f:
         assert next(csv.reader(f)) == ["task", "method", "n_seeds", "lr", "mean_acc", "mean_diff", "ci_low", "ci_high"]
     results = (REPO / "RESULTS.md").read_text()
-    compute = results[results.index("| per-run CSV | runs | hours (1 core each) |"):]
+    compute = results[results.index(m.COMPUTE_HEAD):]
     assert compute.startswith(m.spent().split("\n\n")[0])
 
 

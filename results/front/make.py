@@ -106,16 +106,19 @@ def spent() -> str:
     return "\n".join(lines)
 
 
+# where the two tables sit in the docs (tests/test_results_front.py reads them from here)
+FRONT_START, FRONT_END = "<!-- front table: python results/front/make.py -->", "<!-- end front table -->"
+COMPUTE_HEAD, COMPUTE_END = "| per-run CSV | runs | hours (1 core each) |", "\n\nLesson executions"
+
+
 def write_docs(table):
     """Put the front table into the README (between its markers) and the compute table into RESULTS.md (up to the
     paragraph that follows it), the two places tests/test_results_front.py holds to this script's output."""
-    start, end = "<!-- front table: python results/front/make.py -->", "<!-- end front table -->"
     readme = (ROOT / "README.md").read_text()
-    a, b = readme.index(start) + len(start), readme.index(end)
+    a, b = readme.index(FRONT_START) + len(FRONT_START), readme.index(FRONT_END)
     (ROOT / "README.md").write_text(readme[:a] + "\n" + readme_table(table) + "\n" + readme[b:])
-    head, tail = "| per-run CSV | runs | hours (1 core each) |", "\n\nLesson executions"
     results = (ROOT / "RESULTS.md").read_text()
-    a, b = results.index(head), results.index(tail)
+    a, b = results.index(COMPUTE_HEAD), results.index(COMPUTE_END)
     (ROOT / "RESULTS.md").write_text(results[:a] + spent() + results[b:])
 
 
