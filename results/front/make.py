@@ -34,6 +34,8 @@ SOURCES = [  # (file, {label in the file: label here})
     ("results/struct/count/davpt.csv", {"davpt": "davpt", "davpt+": "davpt+"}),   # 2026-12-02
     ("results/struct/count/seeds56.csv", {"vpt-deep": "vpt-deep", "linear": "linear"}),   # 2026-12-02, later
     ("results/struct/count/seeds78.csv", {"vpt-deep": "vpt-deep", "linear": "linear"}),   # 2026-12-02, evening
+    ("results/struct/count/seeds5678.csv", {"vpt-shallow": "vpt-shallow", "v2apt": "v2apt"}),   # 2026-12-02, night
+    ("results/struct/count/seeds910.csv", {"vpt-deep": "vpt-deep", "vpt-shallow": "vpt-shallow"}),   # 2026-12-02, late
     ("results/struct/position/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                              "v2apt letter": "v2apt, the paper's letter",
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
