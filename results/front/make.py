@@ -36,6 +36,10 @@ SOURCES = [  # (file, {label in the file: label here})
     ("results/struct/count/seeds78.csv", {"vpt-deep": "vpt-deep", "linear": "linear"}),   # 2026-12-02, evening
     ("results/struct/count/seeds5678.csv", {"vpt-shallow": "vpt-shallow", "v2apt": "v2apt"}),   # 2026-12-02, night
     ("results/struct/count/seeds910.csv", {"vpt-deep": "vpt-deep", "vpt-shallow": "vpt-shallow"}),   # 2026-12-02, late
+    ("results/struct/count/v2apt_seeds910.csv", {"v2apt": "v2apt"}),   # 2026-12-03
+    ("results/struct/count/seeds234.csv", {m: m for m in ("vapt", "viapt", "full-v2apt")}),   # 2026-12-03
+    ("results/struct/count/full_v2apt_seeds01.csv", {"full-v2apt": "full-v2apt"}),   # 2026-12-03, later
+    ("results/struct/count/full.csv", {"full": "full"}),   # 2026-12-03, later still
     ("results/struct/position/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                              "v2apt letter": "v2apt, the paper's letter",
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
