@@ -100,6 +100,20 @@ def test_mutual_information_against_numerical_integration():
     assert exact == pytest.approx(math.log(2), abs=1e-3)      # far apart: one bit, the most two images can say
 
 
+def test_mutual_information_in_chunks_equals_all_at_once():
+    # the chunks only bound the memory (a 10,000-image test set ran out of it at once): same draws, same value
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(37, 3, generator=g) * 2, torch.randn(37, 3, generator=g) - 1
+    whole = probe.mutual_information(mu, logvar, chunk=37)
+    for chunk in (1, 5, 36, 100):
+        assert probe.mutual_information(mu, logvar, chunk=chunk) == pytest.approx(whole, rel=1e-12)
+    z = mu.double() + torch.randn(mu.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * \
+        (0.5 * logvar.double()).exp()                          # the first of the 8 draws, written out once
+    logq = probe.gaussian_log_density(z, mu.double(), logvar.double())
+    first = float((logq.diagonal() - (logq.logsumexp(1) - math.log(37))).mean())
+    assert probe.mutual_information(mu, logvar, samples=1, chunk=5) == pytest.approx(first, rel=1e-12)
+
+
 def test_inserted_scale_names_the_parts_and_they_add_up():
     x = batches(1)[0][0]
     v2 = model_with(VAEPrompts(P, 2, D, L, 8, latent_dim=4, film_init="small", encode_at=0))   # an image part in every block

@@ -94,18 +94,21 @@ def gaussian_log_density(z, mu, logvar):
     return -0.5 * (d + logvar[None] + math.log(2 * math.pi)).sum(-1)
 
 
-def mutual_information(mu, logvar, samples: int = 8, seed: int = 0) -> float:
+def mutual_information(mu, logvar, samples: int = 8, seed: int = 0, chunk: int = 512) -> float:
     """I(x; z) in nats for diagonal Gaussian posteriors q_i = N(μ_i, σ_i²), one per image, with the aggregate
     posterior (1/N) Σ_j q_j as the marginal: mean over i and draws z ~ q_i of log q_i(z) − log (1/N) Σ_j q_j(z).
-    0 when every image has the same posterior; at most log N when they do not overlap."""
+    0 when every image has the same posterior; at most log N when they do not overlap. The N × N densities are taken
+    `chunk` draws at a time: all at once they need N² · K doubles, 6.4 GB for a 10,000-image test set."""
     mu, logvar = mu.double(), logvar.double()
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(samples):
         z = mu + torch.randn(mu.shape, generator=g, dtype=mu.dtype) * (0.5 * logvar).exp()     # z_i ~ q_i
-        logq = gaussian_log_density(z, mu, logvar)                                           # (N, N)
-        total += float((logq.diagonal() - (logq.logsumexp(1) - math.log(len(mu)))).mean())
-    return total / samples
+        for a in range(0, len(mu), chunk):
+            logq = gaussian_log_density(z[a:a + chunk], mu, logvar)                          # (chunk, N)
+            own = logq.diagonal(offset=a)                                                    # log q_i(z_i)
+            total += float((own - (logq.logsumexp(1) - math.log(len(mu)))).sum())
+    return total / (samples * len(mu))
 
 
 @torch.no_grad()
