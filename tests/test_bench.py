@@ -270,6 +270,19 @@ def test_the_second_column_is_the_best_validation_checkpoint_on_test(real, tmp_p
         assert T.evaluate(model, build_loaders(cfg, splits)[2], dev, use_bf16(cfg, dev)) == s[key], which
 
 
+def test_the_second_test_pass_gives_the_last_epoch_back_to_the_end_of_run_probe(real, tmp_path):
+    """The best-validation test pass loads best.safetensors into the model, then must restore the last epoch: the
+    probe that follows (summary.json, the grid's val_* columns) describes the last model, with or without that pass.
+    On the CPU the saved state shared the parameters' storage, so the restore put the best epoch back (2026-12-01 to
+    2026-12-06)."""
+    runs = {flag: T.train(T.config_from_args([*TINY_RUN, "--method", "v2apt", "--epochs", "3", flag, "--out",
+                                              str(tmp_path / flag)])) for flag in ("--best-val-test",
+                                                                                   "--no-best-val-test")}
+    on, off = runs["--best-val-test"], runs["--no-best-val-test"]
+    assert on["best_epoch"] < 3, "the best-validation epoch must be an earlier one for this test to bite"
+    assert on["probe"]["latent"]["mi_nats"] > 0 and on["probe"] == off["probe"]
+
+
 def test_no_best_val_test_skips_the_second_test_pass(real, tmp_path, monkeypatch):
     """--no-best-val-test (the lessons' CPU budget): the last epoch's test accuracy only, one pass over the test split."""
     passes = []
