@@ -275,12 +275,20 @@ def test_the_second_test_pass_gives_the_last_epoch_back_to_the_end_of_run_probe(
     probe that follows (summary.json, the grid's val_* columns) describes the last model, with or without that pass.
     On the CPU the saved state shared the parameters' storage, so the restore put the best epoch back (2026-12-01 to
     2026-12-06)."""
-    runs = {flag: T.train(T.config_from_args([*TINY_RUN, "--method", "v2apt", "--epochs", "3", flag, "--out",
-                                              str(tmp_path / flag)])) for flag in ("--best-val-test",
-                                                                                   "--no-best-val-test")}
+    from vapt_min.bench import main as bench_main
+    # the real weights: load_run rebuilds the backbone from them (random ones would be drawn anew)
+    runs = {flag: T.train(T.config_from_args([*TINY_RUN, "--weights", "auto", "--seed", "1", "--method", "v2apt",
+                                              "--epochs", "3", flag, "--out", str(tmp_path / flag)]))
+            for flag in ("--best-val-test", "--no-best-val-test")}
     on, off = runs["--best-val-test"], runs["--no-best-val-test"]
     assert on["best_epoch"] < 3, "the best-validation epoch must be an earlier one for this test to bite"
     assert on["probe"]["latent"]["mi_nats"] > 0 and on["probe"] == off["probe"]
+    # and it is what `bench probe --split val` finds in last.safetensors
+    bench_main(["probe", str(tmp_path / "--best-val-test"), "--split", "val", "--csv", str(tmp_path / "val.csv")])
+    with open(tmp_path / "val.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    for k in ("acc_own", "acc_swapped", "acc_null", "changed_swapped"):    # (I(x; z) is a Monte Carlo estimate whose
+        assert float(row[k]) == on["probe"]["swap"][k], k                  # draws follow the loader's order: not here)
 
 
 def test_no_best_val_test_skips_the_second_test_pass(real, tmp_path, monkeypatch):

@@ -179,6 +179,11 @@ def test_every_run_reports_the_swap_test_and_the_latent_in_summary_json(tmp_path
     deep_row = next(l for l in out.splitlines() if l.startswith(f"| {tmp_path / 'deep'} "))
     assert "| I " in v2_row and "(KL " in v2_row and "| — |" in deep_row and "| 0.0 % / 0.0 % |" in deep_row
     assert "mean norm of an inserted prompt token, per block" in out and "instance image part" in out
+    # --split val: the run's 8 validation images instead of its 4 test images (random weights: the rebuilt backbone is
+    # drawn anew, so its figures are not summary.json's; test_bench checks those on the real weights)
+    bench_main(["probe", str(tmp_path / "v2"), "--split", "val", "--csv", str(tmp_path / "val.csv")])
+    row = next(csv.DictReader(open(tmp_path / "val.csv")))
+    assert row["method"] == "v2apt" and row["images"] == "8" and 0 <= float(row["changed_swapped"]) <= 1
 
 
 def test_davpt_diagnostics_read_the_guided_block():

@@ -196,21 +196,23 @@ PROBE_CSV = ["run", "method", "images", "acc_own", "acc_swapped", "acc_null", "c
              "mi_bits", "kl_bits"]
 
 
-def probe_runs(run_dirs, batch_size: int = 64, which: str = "last", csv_path=None) -> list[dict]:
-    """Every diagnostic of probe.py for trained runs, on each run's own test split (mixed-class batches): the swap
-    test, the latent's information, the scale of what the generator inserts, the last epoch's loss balance.
+def probe_runs(run_dirs, batch_size: int = 64, which: str = "last", csv_path=None, split: str = "test") -> list[dict]:
+    """Every diagnostic of probe.py for trained runs, on each run's own test split (split="val": its validation split,
+    the one to choose between recipes on; mixed-class batches): the swap test, the latent's information, the scale of
+    what the generator inserts, the last epoch's loss balance.
     csv_path: also write the swap test and the latent of every run there, one row per run (PROBE_CSV)."""
     rows = []
     for run_dir in run_dirs:
         model, cfg = load_run(run_dir, which)
-        cfg = dataclasses.replace(cfg, eval_test=True)  # scored on its test split, even a selection run
+        if split == "test":
+            cfg = dataclasses.replace(cfg, eval_test=True)  # scored on its test split, even a selection run
         if model.generator is None:
             raise ValueError(f"{run_dir}: method {cfg.method!r} has no prompt generator to probe")
         dev = pick_device(cfg)
         bf16 = use_bf16(cfg, dev)
         model.to(dev)
         _, splits = build_data(cfg, model.vit.pretrained_cfg)
-        loader = probe.mixed_loader(splits["test"], batch_size)
+        loader = probe.mixed_loader(splits[split], batch_size)
         x = next(iter(loader))[0][:16].to(dev)
         metrics = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         balance = probe.loss_balance(metrics, model.aux_weights())[-1]
@@ -315,6 +317,8 @@ class ProbeConfig:
                           positional=True)
     batch_size: int = opt(64, "images per batch (the swap test swaps within a batch)")
     which: str = opt("last", "checkpoint: last or best", choices=("last", "best"))
+    split: str = opt("test", "the split to probe: test, or val (the run's validation images: compare recipes there, "
+                             "never on test)", choices=("test", "val"))
     csv: str | None = opt(None, "also write one row per run (the swap test on the test split, the latent's bits) to "
                                 "this CSV file")
 
@@ -355,7 +359,7 @@ def main(argv=None):
             p.error(str(e))
     elif kind == "probe":
         a = ProbeConfig(**given)
-        probe_runs(a.runs, a.batch_size, a.which, a.csv)
+        probe_runs(a.runs, a.batch_size, a.which, a.csv, a.split)
     elif kind == "curves":
         a = CurvesConfig(**given)
         try:
