@@ -17,8 +17,9 @@ sys.path.insert(0, str(ROOT))
 from vapt_min.evidence import paired_markdown, paired_table, write_paired_csv  # noqa: E402
 from vapt_min.grid import lr_from_command  # noqa: E402
 
-SOURCES = [  # (file, {label in the file: label here})
-    ("results/issue16/v2apt_finals.csv", {"vpt-deep": "vpt-deep", "v2apt, path open": "v2apt"}),
+SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it: all when not given])
+    # MNIST-1k from mnist_10k.csv (the whole 10,000-image test set, 2026-12-06), not from these 2,000-image runs
+    ("results/issue16/v2apt_finals.csv", {"vpt-deep": "vpt-deep", "v2apt, path open": "v2apt"}, {"cifar10-1k"}),
     ("results/issue16/davpt.csv", {"davpt, raw space, weights 0.01": "davpt"}),
     ("results/issue16/vapt_20epochs.csv", {"vapt, after": "vapt"}),
     ("results/issue17/cifar10_davpt_vapt_seeds34.csv", {"davpt": "davpt", "vapt": "vapt"}),
@@ -48,6 +49,8 @@ SOURCES = [  # (file, {label in the file: label here})
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
+    # 2026-12-06: MNIST-1k on the whole 10,000-image test set (issue 17's protocol), VPT-Deep and V²APT, seeds 0-2
+    ("results/issue17/mnist1k_fulltest.csv", {"vpt-deep": "vpt-deep", "v2apt": "v2apt"}),
 ]
 
 
@@ -57,10 +60,10 @@ TASKS = ["cifar10-1k", "mnist-1k", "cifar10-10shot", "struct-count-1k", "struct-
 
 def rows():
     out = []
-    for path, names in SOURCES:
+    for path, names, *tasks in SOURCES:
         with open(ROOT / path, newline="") as f:
             for r in csv.DictReader(f):
-                if r["label"] in names:
+                if r["label"] in names and (not tasks or r["task"] in tasks[0]):
                     out.append({**r, "label": names[r["label"]], "seed": int(r["seed"]),
                                 "lr": r.get("lr") or lr_from_command(r["command"]),
                                 "test_acc": float(r["test_acc"]),
