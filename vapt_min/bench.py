@@ -6,6 +6,7 @@
     python -m vapt_min.bench speed --methods vpt-deep full --precision fp32 --attention explicit  # as official code
     python -m vapt_min.bench infer runs/viapt/*-seed0 --samples 1 5   # fixed sampling vs multi-round inference
     python -m vapt_min.bench probe runs/v2apt-*                 # does the generator use the image? (probe.py)
+    python -m vapt_min.bench probe --split val runs/v2apt-*     # the same on validation: where recipes are compared
     python -m vapt_min.bench curves runs/davpt-* --keys ce mg_visual mg_cls --png curves.png   # per-epoch curves
     python -m vapt_min.bench accuracy                           # the accuracy grid (grid.py)
 
@@ -319,8 +320,8 @@ class ProbeConfig:
     which: str = opt("last", "checkpoint: last or best", choices=("last", "best"))
     split: str = opt("test", "the split to probe: test, or val (the run's validation images: compare recipes there, "
                              "never on test)", choices=("test", "val"))
-    csv: str | None = opt(None, "also write one row per run (the swap test on the test split, the latent's bits) to "
-                                "this CSV file")
+    csv: str | None = opt(None, "also write one row per run (the swap test on the probed split, the latent's bits) "
+                                "to this CSV file")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from vapt_min.evidence import paired_markdown, paired_table, write_paired_csv  #
 from vapt_min.grid import lr_from_command  # noqa: E402
 
 SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it: all when not given])
-    # MNIST-1k from mnist_10k.csv (the whole 10,000-image test set, 2026-12-06), not from these 2,000-image runs
+    # MNIST-1k from mnist1k_fulltest.csv (the whole 10,000-image test set, 2026-12-06), not these 2,000-image runs
     ("results/issue16/v2apt_finals.csv", {"vpt-deep": "vpt-deep", "v2apt, path open": "v2apt"}, {"cifar10-1k"}),
     ("results/issue16/davpt.csv", {"davpt, raw space, weights 0.01": "davpt"}),
     ("results/issue16/vapt_20epochs.csv", {"vapt, after": "vapt"}),
