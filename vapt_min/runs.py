@@ -82,10 +82,12 @@ def start_run(out: Path, config: dict, classes: list[str], resumed_after: int | 
 
 def trainable_state(model: nn.Module) -> dict:
     """What a checkpoint holds: the trainable tensors, plus the generator's buffers (method state such as ViaPT's
-    running PCA statistics or DA-VPT's class map). On the CPU these tensors share the model's storage: clone them to
-    keep a snapshot."""
-    state = {k: p.detach().contiguous().cpu() for k, p in model.named_parameters() if p.requires_grad}
-    state.update({k: b.detach().contiguous().cpu() for k, b in model.named_buffers() if k.startswith("generator.")})
+    running PCA statistics or DA-VPT's class map). Copies on every device: a snapshot that loading another checkpoint
+    into the model leaves alone (a plain .cpu() would share the parameters' storage on the CPU alone)."""
+    def copy(t):
+        return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+    state = {k: copy(p) for k, p in model.named_parameters() if p.requires_grad}
+    state.update({k: copy(b) for k, b in model.named_buffers() if k.startswith("generator.")})
     return state
 
 

