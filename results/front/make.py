@@ -41,11 +41,13 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/struct/count/seeds234.csv", {m: m for m in ("vapt", "viapt", "full-v2apt")}),   # 2026-12-03
     ("results/struct/count/full_v2apt_seeds01.csv", {"full-v2apt": "full-v2apt"}),   # 2026-12-03, later
     ("results/struct/count/full.csv", {"full": "full"}),   # 2026-12-03, later still
+    ("results/struct/count/full_seeds510.csv", {m: m for m in ("full", "full-v2apt")}),   # 2026-12-06
     ("results/struct/position/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                              "v2apt letter": "v2apt, the paper's letter",
                                              "v2apt levers, network lr x3": "v2apt, network lr x3"}),
     ("results/struct/position/seeds34.csv", {m: m for m in ("vpt-deep", "davpt", "davpt+")}),   # 2026-12-02, evening
     ("results/struct/position/davpt.csv", {m: m for m in ("davpt", "davpt+")}),   # 2026-12-02, evening
+    ("results/struct/position/linear_shallow.csv", {m: m for m in ("linear", "vpt-shallow")}),   # 2026-12-06
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
