@@ -50,7 +50,7 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/struct/position/linear_shallow.csv", {m: m for m in ("linear", "vpt-shallow")}),   # 2026-12-06
     ("results/struct/position/viapt_vapt.csv", {m: m for m in ("viapt", "vapt")}),   # 2026-12-06, evening
     ("results/struct/position/full.csv", {m: m for m in ("full", "full-v2apt")}),   # 2026-12-06, evening
-    ("results/struct/position/v2apt_seeds34.csv", {"v2apt": "v2apt"}),   # 2026-12-06, evening (the defaults = the levers)
+    ("results/struct/position/v2apt_seeds34.csv", {"v2apt": "v2apt"}),   # 2026-12-06, evening; default = levers
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
