@@ -143,6 +143,24 @@ def test_paired_csv_has_exactly_the_columns_and_the_forest_plot_its_panels(tmp_p
     np.testing.assert_allclose(bars[:, 0], [vapt_a["ci_low"], vapt_a["ci_high"]])
 
 
+def test_forest_plot_wraps_at_three_panels_a_row_without_empty_panels():
+    """Six tasks in one row were 27 inches wide: the panels wrap at three a row, every panel on the same method axis,
+    the method names on the first panel of each row, no empty panel where the last row is short."""
+    from vapt_min.plots import plot_forest
+    tasks = ["a", "b", "c", "d"]
+    rows = rows_of({(m, t): v for t in tasks for m, v in (("vpt-deep", [0.8, 0.7, 0.9]), ("vapt", [0.7, 0.7, 0.8]),
+                                                         ("linear", [0.5, 0.4, 0.6]))})
+    fig = plot_forest(E.paired_table(rows), tasks)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == tasks                   # four panels, none empty, in the task order
+    rows_of_axes = [ax.get_subplotspec().rowspan.start for ax in axes]
+    assert rows_of_axes == [0, 0, 0, 1]
+    assert all(ax.get_ylim() == axes[0].get_ylim() for ax in axes)   # one method axis for every panel
+    assert [t.get_text() for t in axes[3].get_yticklabels() if t.get_visible()] == ["vapt", "linear"]
+    assert axes[3].yaxis.get_tick_params()["labelleft"] and axes[3].get_ylabel()
+    assert not axes[1].yaxis.get_tick_params()["labelleft"]          # inner panels: no repeated names
+
+
 def test_report_writes_paired_csv_and_the_mde_from_an_old_results_csv(tmp_path, capsys):
     """`bench accuracy --report` on a results.csv from before the lr and best-validation columns: lr read from each
     run's command, paired.csv, the forest plot and the MDE in results.md."""

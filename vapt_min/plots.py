@@ -277,11 +277,16 @@ def plot_sweep(x, panels: dict[str, dict[str, list]], xlabel: str, symlog: bool 
 def plot_forest(rows: list[dict], tasks: list[str], reference: str = "vpt-deep"):
     """The paired comparison as a forest plot: one panel per task, one line per method, the mean paired difference of
     test accuracy from the reference (points) with its 95 % CI (a hollow marker: fewer than 2 seeds, no interval), and
-    the zero line, the reference itself. rows: `evidence.paired_table` output."""
+    the zero line, the reference itself. Three panels a row at most, so that six tasks stay readable.
+    rows: `evidence.paired_table` output."""
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != reference))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1.5, 0.42 * len(methods) + 1.8), sharey=True,
-                             squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 1.5, (0.42 * len(methods) + 1.8) * nrows),
+                             sharey=True, squeeze=False)
+    for ax in axes.flat[len(tasks):]:   # a last row that is not full: no empty panels
+        fig.delaxes(ax)
+    for ax, task in zip(axes.flat, tasks):
         for r in (r for r in rows if r["task"] == task and r["method"] != reference):
             y = methods.index(r["method"])
             if r["ci_low"] is None:
@@ -293,10 +298,11 @@ def plot_forest(rows: list[dict], tasks: list[str], reference: str = "vpt-deep")
         ax.set_title(task)
         ax.set_xlabel(f"test accuracy − {reference} (points)")
         ax.grid(axis="x", alpha=0.3)
-    ax0 = axes[0, 0]
-    ax0.set_yticks(range(len(methods)), methods)
-    ax0.set_ylim(len(methods) - 0.5, -0.5)  # the first method on top
-    ax0.set_ylabel("method (mean paired difference, 95 % CI)")
+    axes[0, 0].set_yticks(range(len(methods)), methods)   # shared by every panel
+    axes[0, 0].set_ylim(len(methods) - 0.5, -0.5)          # the first method on top
+    for ax in axes[:, 0]:
+        ax.tick_params(labelleft=True)
+        ax.set_ylabel("method (mean paired difference, 95 % CI)")
     fig.tight_layout()
     return fig
 
