@@ -51,6 +51,10 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/struct/position/viapt_vapt.csv", {m: m for m in ("viapt", "vapt")}),   # 2026-12-06, evening
     ("results/struct/position/full.csv", {m: m for m in ("full", "full-v2apt")}),   # 2026-12-06, evening
     ("results/struct/position/v2apt_seeds34.csv", {"v2apt": "v2apt"}),   # 2026-12-06, evening; default = levers
+    # 2026-12-06, night: struct-orientation under the paired protocol (the whole test set), whole method blocks
+    ("results/struct/orientation/vptdeep_linear.csv", {m: m for m in ("vpt-deep", "linear")}),
+    ("results/struct/orientation/full_davptplus.csv", {m: m for m in ("full", "davpt+")}),
+    ("results/struct/orientation/davpt.csv", {"davpt": "davpt"}),
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
@@ -60,7 +64,7 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
 
 
 # the front table's tasks, in this order
-TASKS = ["cifar10-1k", "mnist-1k", "cifar10-10shot", "struct-count-1k", "struct-position-1k"]
+TASKS = ["cifar10-1k", "mnist-1k", "cifar10-10shot", "struct-count-1k", "struct-position-1k", "struct-orientation-1k"]
 
 
 def rows():
