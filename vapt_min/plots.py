@@ -6,6 +6,7 @@ Shapes: B batch, N patches (a g×g grid), P prompts, h heads, T tokens.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -281,7 +282,7 @@ def plot_forest(rows: list[dict], tasks: list[str], reference: str = "vpt-deep")
     rows: `evidence.paired_table` output."""
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != reference))
     ncols = min(3, len(tasks))
-    nrows = -(-len(tasks) // ncols)
+    nrows = math.ceil(len(tasks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 1.5, (0.42 * len(methods) + 1.8) * nrows),
                              sharey=True, squeeze=False)
     for ax in axes.flat[len(tasks):]:   # a last row that is not full: no empty panels
@@ -300,8 +301,7 @@ def plot_forest(rows: list[dict], tasks: list[str], reference: str = "vpt-deep")
         ax.grid(axis="x", alpha=0.3)
     axes[0, 0].set_yticks(range(len(methods)), methods)   # shared by every panel
     axes[0, 0].set_ylim(len(methods) - 0.5, -0.5)          # the first method on top
-    for ax in axes[:, 0]:
-        ax.tick_params(labelleft=True)
+    for ax in axes[:, 0]:   # sharey shows the names on each row's first panel only
         ax.set_ylabel("method (mean paired difference, 95 % CI)")
     fig.tight_layout()
     return fig
