@@ -55,6 +55,8 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/struct/orientation/vptdeep_linear.csv", {m: m for m in ("vpt-deep", "linear")}),
     ("results/struct/orientation/full_davptplus.csv", {m: m for m in ("full", "davpt+")}),
     ("results/struct/orientation/davpt.csv", {"davpt": "davpt"}),
+    # 2026-12-07: VPT-Shallow and V²APT on struct-orientation, seeds 0-4
+    ("results/struct/orientation/shallow_v2apt.csv", {m: m for m in ("vpt-shallow", "v2apt")}),
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
