@@ -57,8 +57,9 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/struct/orientation/davpt.csv", {"davpt": "davpt"}),
     # 2026-12-07: VPT-Shallow and V²APT on struct-orientation, seeds 0-4
     ("results/struct/orientation/shallow_v2apt.csv", {m: m for m in ("vpt-shallow", "v2apt")}),
-    # 2026-12-07: ViaPT and VAPT on struct-orientation, seeds 0-3 (seed 4 not yet run)
-    ("results/struct/orientation/viapt_vapt.csv", {m: m for m in ("viapt", "vapt")}),
+    # 2026-12-07: ViaPT and VAPT on struct-orientation, seeds 0-3, then (the grid resumed, one file) the full V²APT
+    # at seeds 0-4 and seed 4 of ViaPT and VAPT
+    ("results/struct/orientation/viapt_vapt_fullv2apt.csv", {m: m for m in ("viapt", "vapt", "full-v2apt")}),
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
