@@ -18,7 +18,7 @@ from vapt_min.evidence import paired_markdown, paired_table, write_paired_csv  #
 from vapt_min.grid import lr_from_command  # noqa: E402
 
 SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it: all when not given])
-    # MNIST-1k from mnist1k_fulltest.csv (the whole 10,000-image test set, 2026-12-06), not these 2,000-image runs
+    # MNIST-1k from the whole-test-set files at the end (10,000 test images), not these 2,000-image runs
     ("results/issue16/v2apt_finals.csv", {"vpt-deep": "vpt-deep", "v2apt, path open": "v2apt"}, {"cifar10-1k"}),
     ("results/issue16/davpt.csv", {"davpt, raw space, weights 0.01": "davpt"}),
     ("results/issue16/vapt_20epochs.csv", {"vapt, after": "vapt"}),
@@ -63,8 +63,11 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
-    # 2026-12-06: MNIST-1k on the whole 10,000-image test set (issue 17's protocol), VPT-Deep and V²APT, seeds 0-2
-    ("results/issue17/mnist1k_fulltest.csv", {"vpt-deep": "vpt-deep", "v2apt": "v2apt"}),
+    # MNIST-1k on the whole 10,000-image test set (issue 17's protocol): VPT-Deep and V²APT at seeds 0-2 (2026-12-06,
+    # mnist1k_fulltest.csv), the same grid resumed on 2026-12-07 with seeds 3-4 and the linear probe (one file, its
+    # rows for seeds 0-2 those of mnist1k_fulltest.csv), and full fine-tuning beside it
+    ("results/issue17/mnist1k_vptdeep_v2apt_linear.csv", {m: m for m in ("vpt-deep", "v2apt", "linear")}),
+    ("results/issue17/mnist1k_full.csv", {"full": "full"}),
 ]
 
 
