@@ -50,7 +50,7 @@ def test_v2apt_accuracy_bar_is_met_on_cifar_and_missed_on_mnist_as_the_docs_say(
     assert f"VPT-Deep {ref:.2f} ± {std:.2f} %" in text and f"({-gap:.2f} against {std:.2f})" in text
 
 
-def test_v2apt_accuracy_bar_still_missed_on_mnist_at_five_seeds_and_the_paired_rows_are_the_front_tables():
+def test_v2apt_accuracy_bar_still_missed_on_mnist_at_five_seeds_beside_linear_and_full():
     """Seeds 3-4 (2026-12-07) in the resumed grid's file: its seeds 0-2 are mnist1k_fulltest.csv's rows, unchanged; over
     five seeds V²APT is still lower than VPT-Deep by more than VPT-Deep's seed std, as RESULTS.md says with these
     figures; the linear probe and full fine-tuning ran beside them (mnist1k_full.csv), five paired seeds each."""
