@@ -46,3 +46,24 @@ def test_results_md_cifar_table_is_the_front_tables_rows():
     section = results[results.index("## CIFAR-10-1k: more methods paired with VPT-Deep"):]
     got = re.findall(r"^\| cifar10-1k \|.*$", section.split("\n## ")[0], flags=re.M)
     assert got == want
+
+
+def test_results_md_mnist_table_states_the_front_tables_intervals():
+    """MNIST-1k under the paired protocol (issue 17): every method run there has five paired seeds in paired.csv, and
+    RESULTS.md's MNIST table states each one's interval as paired.csv has it (two decimals, bold when resolved)."""
+    with open(FRONT / "paired.csv", newline="") as f:
+        mnist = [r for r in csv.DictReader(f) if r["task"] == "mnist-1k" and r["method"] != "vpt-deep"]
+    results = (REPO / "RESULTS.md").read_text()
+    section = results[results.index("## MNIST-1k under the paired protocol"):].split("\n## ")[0]
+    table = [l for l in section.splitlines() if l.startswith("| ")]
+
+    def num(x):
+        return f"{float(x):+.2f}".replace("-", "−")
+    assert mnist
+    for r in mnist:
+        assert r["n_seeds"] == "5", r["method"]
+        ci = f"{num(r['mean_diff'])} [{num(r['ci_low'])}, {num(r['ci_high'])}]"
+        if float(r["ci_low"]) > 0 or float(r["ci_high"]) < 0:
+            ci = f"**{ci}**"
+        assert sum(f"| {ci} |" in l for l in table) == 1, (r["method"], ci)
+    assert len(table) == len(mnist) + 2   # and the header and VPT-Deep's row: no row without its method in paired.csv

@@ -68,6 +68,9 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     # rows for seeds 0-2 those of mnist1k_fulltest.csv), and full fine-tuning beside it
     ("results/issue17/mnist1k_vptdeep_v2apt_linear.csv", {m: m for m in ("vpt-deep", "v2apt", "linear")}),
     ("results/issue17/mnist1k_full.csv", {"full": "full"}),
+    # 2026-12-07, a later sitting: the other methods on MNIST-1k, one five-seed block per command (the same flags)
+    ("results/issue17/mnist1k_full_v2apt.csv", {"full-v2apt": "full-v2apt"}),
+    ("results/issue17/mnist1k_davptplus.csv", {"davpt+": "davpt+"}),
 ]
 
 
