@@ -94,8 +94,9 @@ def rows():
 
 def readme_table(table) -> str:
     """The README's compact form: one line per task and method, the interval and whether it excludes 0."""
-    def num(x):  # a signed figure with the typographic minus
-        return f"{x:+.1f}".replace("-", "−")
+    def num(x):  # a signed figure with the typographic minus; one that rounds to ±0.0 gets two decimals, so that an
+        # interval ending at −0.02 does not read "−0.0" beside "resolved: yes"
+        return (f"{x:+.1f}" if round(x, 1) or not x else f"{x:+.2f}").replace("-", "−")
     out = ["| task | method | seeds | test acc (%) | − VPT-Deep, paired [95 % CI] | MDE | resolved |",
            "|---|---|---|---|---|---|---|"]
     for r in table:
