@@ -71,6 +71,8 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     # 2026-12-07, a later sitting: the other methods on MNIST-1k, one five-seed block per command (the same flags)
     ("results/issue17/mnist1k_full_v2apt.csv", {"full-v2apt": "full-v2apt"}),
     ("results/issue17/mnist1k_davptplus.csv", {"davpt+": "davpt+"}),
+    ("results/issue17/mnist1k_viapt.csv", {"viapt": "viapt"}),
+    ("results/issue17/mnist1k_vpt_shallow.csv", {"vpt-shallow": "vpt-shallow"}),
 ]
 
 
