@@ -73,6 +73,7 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/issue17/mnist1k_davptplus.csv", {"davpt+": "davpt+"}),
     ("results/issue17/mnist1k_viapt.csv", {"viapt": "viapt"}),
     ("results/issue17/mnist1k_vpt_shallow.csv", {"vpt-shallow": "vpt-shallow"}),
+    ("results/issue17/mnist1k_davpt.csv", {"davpt": "davpt"}),   # after the two chains, one grid at 2 workers
 ]
 
 
