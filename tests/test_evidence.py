@@ -78,6 +78,30 @@ def test_mde_scales_with_the_spread_and_refuses_bad_input():
             E.min_detectable_effect(**bad)
 
 
+@pytest.mark.parametrize("sd, target, level", [(3.41, 1.5, 0.95), (0.4, 1.5, 0.95), (9.26, 1.5, 0.95), (2.0, 0.5, 0.9),
+                                               (1.0, 1.5, 0.95)])
+def test_seeds_for_half_width_is_the_first_n_whose_scipy_interval_is_that_narrow(sd, target, level):
+    n = E.seeds_for_half_width(sd, target, level)
+    # scipy's own interval on differences with exactly this sd: n seeds are narrow enough, n - 1 are not
+    def scipy_half(k):
+        d = np.linspace(-1, 1, k)
+        d = d / d.std(ddof=1) * sd                       # k differences whose sample sd is sd
+        ci = stats.ttest_1samp(d, 0.0).confidence_interval(level)
+        return (ci.high - ci.low) / 2
+    assert scipy_half(n) <= target + 1e-12
+    assert n == 2 or scipy_half(n - 1) > target
+
+
+def test_seeds_for_half_width_grows_with_the_spread_and_refuses_bad_input():
+    assert E.seeds_for_half_width(0.0, 1.5) == 2
+    assert E.seeds_for_half_width(1.0, 1.5) < E.seeds_for_half_width(2.0, 1.5) < E.seeds_for_half_width(4.0, 1.5)
+    assert E.seeds_for_half_width(2.0, 1.5) > E.seeds_for_half_width(2.0, 1.5, level=0.8)
+    for bad in (dict(sd=-1.0, half_width=1.5), dict(sd=float("nan"), half_width=1.5), dict(sd=1.0, half_width=0.0),
+                dict(sd=1.0, half_width=1.5, level=1.0), dict(sd=1e6, half_width=1e-3, n_max=1000)):
+        with pytest.raises(ValueError):
+            E.seeds_for_half_width(**bad)
+
+
 # ------------------------------------------------------------------------------------------- the grid's paired table
 def rows_of(accs: dict, lr=1e-3, best=None) -> list[dict]:
     """results.csv-like rows: accs maps (label, task) → test accuracy per seed (fractions), seeds 0, 1, ..."""

@@ -1,4 +1,4 @@
-"""The README's front table, results/front/paired.csv and .md, and RESULTS.md's compute table are regenerated from the
+"""The README's front table, results/front/paired.csv and .md, and RESULTS.md's bar and compute tables are regenerated from the
 committed per-run CSVs by results/front/make.py: each must equal what that script computes now, so every figure in them
 traces to rows that hold the command that made them (issue 17). Fails when a CSV is added or changed and the tables
 were not regenerated, or when a table was edited by hand."""
@@ -6,6 +6,9 @@ import csv
 import importlib.util
 import re
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FRONT = REPO / "results" / "front"
@@ -23,9 +26,10 @@ def between(text, start, end):
     return text[a:text.index(end, a)].strip()
 
 
-def test_front_table_paired_csv_and_compute_table_are_regenerated(tmp_path):
+def test_front_table_paired_csv_bar_and_compute_tables_are_regenerated(tmp_path):
     m = make()
-    table = m.paired_table(m.rows(), m.TASKS)
+    runs = m.rows()
+    table = m.paired_table(runs, m.TASKS)
     readme = (REPO / "README.md").read_text()
     assert between(readme, m.FRONT_START, m.FRONT_END) == m.readme_table(table)
     assert (FRONT / "paired.md").read_text().strip() == m.paired_markdown(table)
@@ -34,6 +38,7 @@ def test_front_table_paired_csv_and_compute_table_are_regenerated(tmp_path):
     with open(FRONT / "paired.csv", newline="") as f:
         assert next(csv.reader(f)) == ["task", "method", "n_seeds", "lr", "mean_acc", "mean_diff", "ci_low", "ci_high"]
     results = (REPO / "RESULTS.md").read_text()
+    assert between(results, m.BAR_START, m.BAR_END) == m.bar_markdown(m.bar_table(table, runs))
     compute = results[results.index(m.COMPUTE_HEAD):]
     assert compute.startswith(m.spent().split("\n\n")[0])
 
@@ -67,3 +72,31 @@ def test_results_md_mnist_table_states_the_front_tables_intervals():
             ci = f"**{ci}**"
         assert sum(f"| {ci} |" in l for l in table) == 1, (r["method"], ci)
     assert len(table) == len(mnist) + 2   # and the header and VPT-Deep's row: no row without its method in paired.csv
+
+
+def test_bar_table_counts_the_seeds_and_runs_each_method_and_vpt_deep_still_need():
+    """On hand-made rows: a method that moves with VPT-Deep is within the bar at its seeds and needs nothing; one
+    whose differences spread by s_d needs evidence.seeds_for_half_width(s_d, 1.5) seeds, and VPT-Deep as many (every
+    method pairs with VPT-Deep's seeds); the cost is the runs to add times the median wall time."""
+    from vapt_min.evidence import seeds_for_half_width
+    m = make()
+    ref = [80.0, 86.0, 83.0, 77.0, 85.0]
+    steady = [a + 0.5 + 0.1 * i for i, a in enumerate(ref)]          # moves with VPT-Deep: s_d 0.16
+    loose = [83.0, 82.5, 84.0, 83.5, 82.0]                              # does not: s_d is VPT-Deep's own spread
+    runs = [{"label": label, "task": "t", "seed": s, "test_acc": acc / 100, "lr": 1e-3, "best_val_test_acc": None,
+             "wall_time_s": str(w)}
+            for label, accs, w in (("vpt-deep", ref, 600), ("davpt", steady, 700), ("viapt", loose, 900))
+            for s, acc in enumerate(accs)]
+    bar = {r["method"]: r for r in m.bar_table(m.paired_table(runs, ["t"]), runs, tasks=["t"])}
+    sd = float(np.std(np.subtract(loose, ref), ddof=1))
+    need = seeds_for_half_width(sd, 1.5)
+    assert need > 5
+    assert (bar["davpt"]["need"], bar["davpt"]["add"]) == (5, 0) and bar["davpt"]["half"] <= 1.5
+    assert (bar["viapt"]["need"], bar["viapt"]["add"]) == (need, need - 5)
+    assert bar["viapt"]["sd"] == pytest.approx(sd) and bar["viapt"]["half"] > 1.5
+    assert (bar["vpt-deep"]["need"], bar["vpt-deep"]["add"]) == (need, need - 5)
+    md = m.bar_markdown(list(bar.values()))
+    assert f"| t | viapt | 5 | {bar['viapt']['half']:.2f} | {sd:.2f} | no | {need} | {need - 5} | " \
+           f"{(need - 5) * 900 / 3600:.1f} |" in md
+    assert f"- t: 1 of 2 methods within ±1.5; {2 * (need - 5)} runs to add, about " \
+           f"{(need - 5) * (900 + 600) / 3600:.0f} core h" in md

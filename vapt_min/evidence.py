@@ -76,6 +76,27 @@ def min_detectable_effect(n: int, sd: float, alpha: float = 0.05, power: float =
     return sd * float(optimize.brentq(f, 0.0, hi, xtol=1e-12))
 
 
+def seeds_for_half_width(sd: float, half_width: float, level: float = 0.95, n_max: int = 100_000) -> int:
+    """The fewest paired seeds n (>= 2) whose t interval has a half-width of at most half_width when the differences
+    spread by sd: the smallest n with t_{(1+level)/2, n−1} · sd / √n <= half_width. A planning figure (issue 17's
+    "add seeds until it holds"): it takes the observed sd for the true one, and an sd from five seeds is itself
+    uncertain by about a third, so the seeds it names are where to look next, not a promise."""
+    if sd < 0 or not math.isfinite(sd):
+        raise ValueError(f"sd must be a finite number >= 0, got {sd}")
+    if not half_width > 0:
+        raise ValueError(f"half_width must be > 0 (in the units of sd), got {half_width}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level} (0.95 for a 95 % interval)")
+    half = lambda n: float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    if half(n_max) > half_width:
+        raise ValueError(f"even {n_max} seeds give a half-width of {half(n_max):.3g} > {half_width} at sd = {sd}")
+    lo, hi = 1, n_max          # half(n) falls as n grows: half(lo) > half_width (or lo = 1), half(hi) <= half_width
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if half(mid) <= half_width else (mid, hi)
+    return max(hi, 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The grid's rows → the paired table
 
