@@ -76,6 +76,7 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/issue17/mnist1k_viapt.csv", {"viapt": "viapt"}),
     ("results/issue17/mnist1k_vpt_shallow.csv", {"vpt-shallow": "vpt-shallow"}),
     ("results/issue17/mnist1k_davpt.csv", {"davpt": "davpt"}),   # after the two chains, one grid at 2 workers
+    ("results/issue17/mnist1k_vapt.csv", {"vapt": "vapt"}),   # a third sitting of 2026-12-07, one grid at 2 workers
 ]
 
 
