@@ -242,7 +242,7 @@ def test_entry_lrs_and_the_lr_of_a_command():
 def test_select_options_need_select_lr_and_a_fixed_lr_is_refused(tmp_path, capsys):
     base = ["accuracy", "--tasks", "cifar10-1k", "--out", str(tmp_path / "r"), "--runs", str(tmp_path / "x"),
             "--dry-run"]
-    for extra, message in ((["--select-on", "mnist-1k"], "add --select-lr"),
+    for extra, message in ((["--select-on", "mnist-1k"], "add --select-lr"), (["--select-only"], "add --select-lr"),
                            (["--select-lr", "--extra", "--lr 1e-3"], "drop --lr"),
                            (["--select-lr", "--select-n-val", "0"], "--select-n-val must be >= 1"),
                            (["--select-lr", "--entry", "s: --optimizer sgd"], "give it its own --lr")):
@@ -260,3 +260,19 @@ def test_select_lr_dry_run_lists_selection_then_five_paired_seeds(tmp_path, caps
     assert lines[1:13] == [f"  select {m} | cifar10-1k | lr {lr:g} | seed {s}" for s in (100, 101)
                            for m in ("vpt-deep", "vapt") for lr in G.LR_GRID[m]]
     assert lines[13].startswith("accuracy grid: 2 entries, 2 tasks, seeds 0, 1, 2, 3, 4: 20 runs")
+
+
+def test_select_only_lists_and_runs_the_selection_and_no_finals(tmp_path, capsys, monkeypatch):
+    main(["accuracy", "--select-lr", "--select-only", "--methods", "vpt-deep", "--tasks", "cifar10-1k", "--out",
+          str(tmp_path / "r"), "--runs", str(tmp_path / "x"), "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("learning-rate selection: 6 runs") and len(lines) == 7      # the 6 runs, no finals
+    assert not any("accuracy grid" in l for l in lines)
+    # without --dry-run: the selection's choice comes back and no final run starts (no results.csv, no run folder)
+    chosen = {("vpt-deep", "cifar10-1k"): 3e-4}
+    monkeypatch.setattr(G, "select_lr", lambda *a, **k: chosen)
+    monkeypatch.setattr(G, "run_all", lambda *a, **k: pytest.fail("--select-only started a final run"))
+    assert G.accuracy({"vpt-deep": ["--method", "vpt-deep"]}, {"cifar10-1k": G.TASKS["cifar10-1k"]}, (0, 1),
+                      out=tmp_path / "r", runs=tmp_path / "x", select=S.Selection(only=True)) == []
+    assert "no finals run" in capsys.readouterr().out
+    assert not (tmp_path / "r" / "results.csv").exists() and not (tmp_path / "x").exists()

@@ -5,6 +5,7 @@
     python -m vapt_min.bench accuracy --preset paper --threads 8 --workers 1   # the papers' protocol, on a GPU
     python -m vapt_min.bench accuracy --select-lr --preset default --extra '--test-cap none'   # issue 17's protocol
     python -m vapt_min.bench accuracy --select-lr --select-on cifar10-1k --dry-run            # list its runs
+    python -m vapt_min.bench accuracy --select-lr --select-only --tasks cifar10-1k  # choose the rates, run no finals
     python -m vapt_min.bench accuracy --report                  # redraw results.md, paired.csv and the plots
 
 `--workers` runs at a time, `--threads` torch threads each (2 cores: 2 × 1, never 2 × 2). A finished run
@@ -259,7 +260,8 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
              command: str | None = None, select: Selection | None = None) -> list[dict]:
     """Run (or resume) the grid; append each finished run to out/results.csv; write results.md, paired.csv and the
     plots. entries: row label → train options; tasks: name → train options; only: label → {"tasks": ..., "seeds":
-    ...}; select: choose each entry's learning rate first (select_lr), and run the finals at it."""
+    ...}; select: choose each entry's learning rate first (select_lr), and run the finals at it (none with
+    select.only: the choice is recorded in selection.csv and the grid returns)."""
     out, runs = Path(out), Path(runs or f"runs/bench-{preset}")
     out.mkdir(parents=True, exist_ok=True)
     extra = list(extra)
@@ -276,6 +278,10 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
     jobs = grid_jobs(entries, tasks, seeds, only)
     lrs = select_lr(entries, {label: entry_lrs(label, o) for label, o in entries.items()}, tasks, select, preset,
                     out, runs, workers, threads, extra, dry_run, only) if select is not None else None
+    if select is not None and select.only:   # --select-only: the choice is recorded (selection.csv); no finals
+        if lrs is not None:
+            print(f"--select-only: no finals run; the chosen learning rates are in {out / 'selection.csv'}", flush=True)
+        return []
     moved = [k for k in jobs if lrs and k in have and not math.isclose(have[k]["lr"], lrs[k[:2]])]
     if moved:  # one results.csv holds one learning rate per entry and task
         (label, task, seed), lr = moved[0], have[moved[0]]["lr"]
@@ -351,6 +357,8 @@ class GridConfig:
                                   "the training images leave unused")
     select_on: list[str] = opt([], "--select-lr: select on these tasks, one learning rate per method for every final "
                                    "task (default: each final task selects its own)", choices=list(TASKS))
+    select_only: bool = opt(False, "--select-lr: stop once the learning rates are chosen and recorded (selection.csv); "
+                                   "run no finals")
     dry_run: bool = opt(False, "list the runs and exit")
     report: bool = opt(False, "only rewrite results.md, paired.csv and the plots from results.csv")
 
@@ -360,8 +368,9 @@ def main(a: GridConfig, argv: list[str]):
     if a.report:
         print(report(out, a.tasks))
         return
-    if not a.select_lr and any(f"--{o}" in argv for o in ("select-seeds", "select-n-val", "select-on")):
-        raise ValueError("--select-seeds, --select-n-val and --select-on set up --select-lr: add --select-lr")
+    if not a.select_lr and any(f"--{o}" in argv for o in ("select-seeds", "select-n-val", "select-on", "select-only")):
+        raise ValueError("--select-seeds, --select-n-val, --select-on and --select-only set up --select-lr: add "
+                         "--select-lr")
     if a.select_n_val < 1:
         raise ValueError(f"--select-n-val must be >= 1, got {a.select_n_val}")
     methods = [] if a.entry and "--methods" not in argv else a.methods
@@ -377,8 +386,8 @@ def main(a: GridConfig, argv: list[str]):
     # --ablation adds lesson 07's rows on CIFAR-10-1k and the ablation seeds; one named in --methods runs everywhere
     only = {label: {"tasks": ["cifar10-1k"], "seeds": a.ablation_seeds} for label in ABLATION if label not in a.methods}
     seeds = [0, 1, 2, 3, 4] if a.select_lr and "--seeds" not in argv else a.seeds
-    select = Selection(tuple(a.select_seeds), a.select_n_val, {t: TASKS[t] for t in a.select_on} or None) \
-        if a.select_lr else None
+    select = Selection(tuple(a.select_seeds), a.select_n_val, {t: TASKS[t] for t in a.select_on} or None,
+                       a.select_only) if a.select_lr else None
     accuracy(entries, {t: TASKS[t] for t in a.tasks}, seeds, a.preset, out, a.runs, a.workers, a.threads,
              extra=[o for e in a.extra for o in shlex.split(e)], dry_run=a.dry_run, only=only,
              command=shlex.join(["python", "-m", "vapt_min.bench", *argv]), select=select)

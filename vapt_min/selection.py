@@ -33,11 +33,13 @@ SELECTION_FIELDS = ["task", "method", "lr", "n_seeds", "val_images", "mean_last_
 
 @dataclass
 class Selection:
-    """--select-lr's settings (the module docstring): seeds, validation images per run, and the tasks to select on
-    (name → train options; None: each final task selects its own)."""
+    """--select-lr's settings (the module docstring): seeds, validation images per run, the tasks to select on
+    (name → train options; None: each final task selects its own), and whether to stop after the choice (no finals:
+    --select-only, e.g. to choose on one machine and run the finals on another)."""
     seeds: tuple = (100, 101)
     n_val: int = 1000
     on: dict | None = None
+    only: bool = False
 
 
 def choose_lr(means: dict[float, float]) -> float:
