@@ -100,3 +100,33 @@ def test_bar_table_counts_the_seeds_and_runs_each_method_and_vpt_deep_still_need
            f"{(need - 5) * 900 / 3600:.1f} |" in md
     assert f"- t: 1 of 2 methods within ±1.5; {2 * (need - 5)} runs to add, about " \
            f"{(need - 5) * (900 + 600) / 3600:.0f} core h" in md
+
+
+def test_results_md_cifar_methods_against_vpt_deep_at_its_selected_lr_are_the_committed_runs():
+    """RESULTS.md's table of every CIFAR-10-1k method against VPT-Deep at the learning rate validation chose for it
+    (3e-3) and at the default (1e-3), on the seeds both have: recomputed here from the front table's per-run rows."""
+    from vapt_min.evidence import paired_difference
+    m = make()
+    acc = {}
+    for r in m.rows():
+        if r["task"] == "cifar10-1k":
+            acc.setdefault(r["label"], {})[r["seed"]] = 100 * r["test_acc"]
+    names = {"davpt+": "DA-VPT+", "full-v2apt": "full V²APT", "davpt": "DA-VPT", "v2apt": "V²APT", "viapt": "ViaPT",
+             "full": "full fine-tuning", "vapt": "VAPT", "vpt-shallow": "VPT-Shallow", "linear": "linear probe"}
+    results = (REPO / "RESULTS.md").read_text()
+    section = results[results.index("**What that does to the small differences.**"):].split("\n## ")[0]
+    table = [l for l in section.splitlines() if l.startswith("| ")]
+
+    def cell(a, b):
+        p = paired_difference(a, b)
+        num = lambda x: f"{x:+.2f}".replace("-", "−")
+        text = f"{num(p['mean'])} [{num(p['ci_low'])}, {num(p['ci_high'])}]"
+        return f"**{text}**" if p["ci_low"] > 0 or p["ci_high"] < 0 else text
+    selected = acc["vpt-deep, lr 3e-3 (selected)"]
+    for label, name in names.items():
+        seeds = sorted(acc[label].keys() & selected.keys())
+        mine = [acc[label][s] for s in seeds]
+        want = (f"| {name} | {len(seeds)} | {cell(mine, [selected[s] for s in seeds])} | "
+                f"{cell(mine, [acc['vpt-deep'][s] for s in seeds])} |")
+        assert want in table, want
+    assert len(table) == len(names) + 1   # and the header: no row this test does not check
