@@ -273,6 +273,6 @@ def test_select_only_lists_and_runs_the_selection_and_no_finals(tmp_path, capsys
     monkeypatch.setattr(G, "select_lr", lambda *a, **k: chosen)
     monkeypatch.setattr(G, "run_all", lambda *a, **k: pytest.fail("--select-only started a final run"))
     assert G.accuracy({"vpt-deep": ["--method", "vpt-deep"]}, {"cifar10-1k": G.TASKS["cifar10-1k"]}, (0, 1),
-                      out=tmp_path / "r", runs=tmp_path / "x", select=S.Selection(only=True)) == []
+                      out=tmp_path / "r", runs=tmp_path / "x", select=S.Selection(no_finals=True)) == []
     assert "no finals run" in capsys.readouterr().out
     assert not (tmp_path / "r" / "results.csv").exists() and not (tmp_path / "x").exists()

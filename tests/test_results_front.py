@@ -1,7 +1,7 @@
-"""The README's front table, results/front/paired.csv and .md, and RESULTS.md's bar and compute tables are regenerated from the
-committed per-run CSVs by results/front/make.py: each must equal what that script computes now, so every figure in them
-traces to rows that hold the command that made them (issue 17). Fails when a CSV is added or changed and the tables
-were not regenerated, or when a table was edited by hand."""
+"""The README's front table, results/front/paired.csv and .md, and RESULTS.md's bar and compute tables are regenerated
+from the committed per-run CSVs by results/front/make.py: each must equal what that script computes now, so every
+figure in them traces to rows that hold the command that made them (issue 17). Fails when a CSV is added or changed
+and the tables were not regenerated, or when a table was edited by hand."""
 import csv
 import importlib.util
 import re

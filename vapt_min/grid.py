@@ -261,7 +261,7 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
     """Run (or resume) the grid; append each finished run to out/results.csv; write results.md, paired.csv and the
     plots. entries: row label → train options; tasks: name → train options; only: label → {"tasks": ..., "seeds":
     ...}; select: choose each entry's learning rate first (select_lr), and run the finals at it (none with
-    select.only: the choice is recorded in selection.csv and the grid returns)."""
+    select.no_finals: the choice is recorded in selection.csv and the grid returns)."""
     out, runs = Path(out), Path(runs or f"runs/bench-{preset}")
     out.mkdir(parents=True, exist_ok=True)
     extra = list(extra)
@@ -278,7 +278,7 @@ def accuracy(entries: dict, tasks: dict, seeds=(0, 1, 2), preset: str = "cpu", o
     jobs = grid_jobs(entries, tasks, seeds, only)
     lrs = select_lr(entries, {label: entry_lrs(label, o) for label, o in entries.items()}, tasks, select, preset,
                     out, runs, workers, threads, extra, dry_run, only) if select is not None else None
-    if select is not None and select.only:   # --select-only: the choice is recorded (selection.csv); no finals
+    if select is not None and select.no_finals:   # --select-only: the choice is in selection.csv; no finals
         if lrs is not None:
             print(f"--select-only: no finals run; the chosen learning rates are in {out / 'selection.csv'}", flush=True)
         return []

@@ -39,7 +39,7 @@ class Selection:
     seeds: tuple = (100, 101)
     n_val: int = 1000
     on: dict | None = None
-    only: bool = False
+    no_finals: bool = False
 
 
 def choose_lr(means: dict[float, float]) -> float:

@@ -1,8 +1,9 @@
 """The README's front table: every committed paired comparison with VPT-Deep after the fixes of 2026-11-25/12-01,
 read from the per-run CSVs (each row holds the command that made it) and written as paired.csv (the columns of
 issue 17), paired.md and paired_forest.png (one panel per task), and put into the README's front table and
-RESULTS.md's bar table (where issue 17's ±1.5 bar stands and the seeds it would take) and compute table. Run from the repository root: python results/front/make.py, then re-execute lesson 07,
-whose section 6.3 prints paired.csv (pytest --nbval compares it).
+RESULTS.md's bar table (where issue 17's ±1.5 bar stands and the seeds it would take) and compute table. Run from the
+repository root: python results/front/make.py, then re-execute lesson 07, whose section 6.3 prints paired.csv
+(pytest --nbval compares it).
 
 Which runs pair with which: a seed fixes the split and the batch order for every method, and the runs below share the
 recipe (default preset: 20 epochs, 112 px, lr 1e-3; fp32) and the test images of their task, so each method pairs with
