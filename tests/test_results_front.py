@@ -115,7 +115,8 @@ def test_results_md_cifar_methods_against_vpt_deep_at_its_selected_lr_are_the_co
              "full": "full fine-tuning", "vapt": "VAPT", "vpt-shallow": "VPT-Shallow", "linear": "linear probe"}
     results = (REPO / "RESULTS.md").read_text()
     section = results[results.index("**What that does to the small differences.**"):].split("\n## ")[0]
-    table = [l for l in section.splitlines() if l.startswith("| ")]
+    first = section[section.index("\n|"):].split("\n\n")[0]          # the first table after that line
+    table = [l for l in first.splitlines() if l.startswith("| ")]
 
     def cell(a, b):
         p = paired_difference(a, b)
