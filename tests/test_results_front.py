@@ -21,6 +21,14 @@ def make():
     return module
 
 
+def stated(p):
+    """An interval as RESULTS.md's hand-written tables state it: two decimals, the typographic minus, bold when it
+    excludes 0. p: mean, ci_low, ci_high (floats or paired.csv's strings)."""
+    num = lambda x: f"{float(x):+.2f}".replace("-", "−")
+    text = f"{num(p['mean'])} [{num(p['ci_low'])}, {num(p['ci_high'])}]"
+    return f"**{text}**" if float(p["ci_low"]) > 0 or float(p["ci_high"]) < 0 else text
+
+
 def between(text, start, end):
     a = text.index(start) + len(start)
     return text[a:text.index(end, a)].strip()
@@ -62,14 +70,10 @@ def test_results_md_mnist_table_states_the_front_tables_intervals():
     section = results[results.index("## MNIST-1k under the paired protocol"):].split("\n## ")[0]
     table = [l for l in section.splitlines() if l.startswith("| ")]
 
-    def num(x):
-        return f"{float(x):+.2f}".replace("-", "−")
     assert mnist
     for r in mnist:
         assert r["n_seeds"] == "5", r["method"]
-        ci = f"{num(r['mean_diff'])} [{num(r['ci_low'])}, {num(r['ci_high'])}]"
-        if float(r["ci_low"]) > 0 or float(r["ci_high"]) < 0:
-            ci = f"**{ci}**"
+        ci = stated({**r, "mean": r["mean_diff"]})
         assert sum(f"| {ci} |" in l for l in table) == 1, (r["method"], ci)
     assert len(table) == len(mnist) + 2   # and the header and VPT-Deep's row: no row without its method in paired.csv
 
@@ -119,10 +123,7 @@ def test_results_md_cifar_methods_against_vpt_deep_at_its_selected_lr_are_the_co
     table = [l for l in first.splitlines() if l.startswith("| ")]
 
     def cell(a, b):
-        p = paired_difference(a, b)
-        num = lambda x: f"{x:+.2f}".replace("-", "−")
-        text = f"{num(p['mean'])} [{num(p['ci_low'])}, {num(p['ci_high'])}]"
-        return f"**{text}**" if p["ci_low"] > 0 or p["ci_high"] < 0 else text
+        return stated(paired_difference(a, b))
     selected = acc["vpt-deep, lr 3e-3 (selected)"]
     for label, name in names.items():
         seeds = sorted(acc[label].keys() & selected.keys())

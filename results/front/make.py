@@ -142,7 +142,7 @@ def bar_table(table, runs, tasks=BAR_TASKS) -> list[dict]:
         ref = next(r for r in table if r["task"] == task and r["method"] == "vpt-deep")
         for r in mine:
             half = (r["ci_high"] - r["ci_low"]) / 2
-            need = r["n_seeds"] if half <= BAR else seeds_for_half_width(r["sd_diff"], BAR)
+            need = max(r["n_seeds"], seeds_for_half_width(r["sd_diff"], BAR))   # the seeds it has, when within
             out.append({"task": task, "method": r["method"], "n_seeds": r["n_seeds"], "half": half, "sd": r["sd_diff"],
                         "need": need, "add": need - r["n_seeds"],
                         "sec": sec(task, r["method"])})
