@@ -47,6 +47,7 @@ def test_front_table_paired_csv_bar_and_compute_tables_are_regenerated(tmp_path)
         assert next(csv.reader(f)) == ["task", "method", "n_seeds", "lr", "mean_acc", "mean_diff", "ci_low", "ci_high"]
     results = (REPO / "RESULTS.md").read_text()
     assert between(results, m.BAR_START, m.BAR_END) == m.bar_markdown(m.bar_table(table, runs))
+    assert between(results, m.SEL_START, m.SEL_END) == m.selected_markdown(m.selected_table(runs, m.selections()))
     compute = results[results.index(m.COMPUTE_HEAD):]
     assert compute.startswith(m.spent().split("\n\n")[0])
 
@@ -132,3 +133,75 @@ def test_results_md_cifar_methods_against_vpt_deep_at_its_selected_lr_are_the_co
                 f"{cell(mine, [acc['vpt-deep'][s] for s in seeds])} |")
         assert want in table, want
     assert len(table) == len(names) + 1   # and the header: no row this test does not check
+
+
+SELECTIONS = sorted(REPO.glob("results/**/*selection.csv"))
+
+
+@pytest.mark.parametrize("path", SELECTIONS, ids=lambda p: p.stem)
+def test_committed_learning_rate_selections_match_their_runs_and_never_scored_test(path):
+    """Every committed selection.csv (issue 17's per-method learning rate): each mean is its runs' mean last-epoch
+    validation accuracy, the chosen rate is the best mean (one per method and task), the runs built no test split and
+    used seeds no final run uses, and RESULTS.md states each chosen mean in bold. Recomputed here from the *_runs.csv beside it,
+    not through vapt_min.selection, so that a wrong rule there would show."""
+    runs = list(csv.DictReader(open(path.with_name(path.stem + "_runs.csv"), newline="")))
+    table = list(csv.DictReader(open(path, newline="")))
+    assert runs and table
+    for r in runs:
+        assert "--no-eval-test" in r["command"] and f"--n-val {r['n_val']}" in r["command"], r["command"]
+        assert f"--lr {r['lr']}" in r["command"] and f"--seed {r['seed']}" in r["command"]
+        assert int(r["seed"]) >= 100                      # the finals use seeds 0-10: a selection seed never
+    results = (REPO / "RESULTS.md").read_text()
+    groups = {}
+    for t in table:
+        groups.setdefault((t["task"], t["method"]), []).append(t)
+    for (task, method), rows in groups.items():
+        means = {}
+        for t in rows:
+            mine = [float(r["last_val_acc"]) for r in runs
+                    if (r["task"], r["label"], float(r["lr"])) == (task, method, float(t["lr"]))]
+            assert len(mine) == int(t["n_seeds"]) >= 2, (method, t["lr"])
+            assert int(t["val_images"]) == sum(int(r["n_val"]) for r in runs
+                                               if (r["task"], r["label"], float(r["lr"])) == (task, method, float(t["lr"])))
+            assert float(t["mean_last_val_acc"]) == pytest.approx(100 * np.mean(mine), abs=0.006)
+            means[float(t["lr"])] = 100 * np.mean(mine)
+        chosen = [float(t["lr"]) for t in rows if t["chosen"].strip() == "1"]
+        assert chosen == [max(means, key=means.get)], (task, method, chosen, means)
+        best = next(t for t in rows if t["chosen"].strip() == "1")["mean_last_val_acc"]
+        assert f"**{best}**" in results or f"**{float(best):.1f}**" in results, (method, best)   # bold: the chosen
+
+
+def test_selected_rate_table_pairs_each_method_at_its_chosen_rate_with_vpt_deep_at_its_own(tmp_path, monkeypatch):
+    """Hand-made rows: a method whose chosen rate is not its default pairs through its '(selected)' rows, one at its
+    default through its own; a variant label at the same rate is not taken; a choice without finals and a method not
+    selected say so; a task without VPT-Deep's choice has no rows; a method chosen twice is refused."""
+    from vapt_min.evidence import paired_difference
+    m = make()
+    acc = {("vpt-deep", 1e-3): [80.0, 81.0, 79.0], ("vpt-deep, lr 3e-3 (selected)", 3e-3): [82.0, 81.5, 80.0],
+           ("davpt", 1e-3): [81.0, 81.0, 81.0], ("davpt, lr 3e-3 (selected)", 3e-3): [83.0, 81.0],
+           ("davpt, a variant", 3e-3): [99.0, 99.0, 99.0], ("viapt", 1e-3): [70.0, 72.0, 71.0]}
+    runs = [{"task": "cifar10-1k", "label": label, "lr": str(lr), "seed": s, "test_acc": a / 100}
+            for (label, lr), accs in acc.items() for s, a in enumerate(accs)]
+    runs.append({"task": "struct-count-1k", "label": "davpt", "lr": "0.001", "seed": 0, "test_acc": 0.5})
+    chosen = {("cifar10-1k", "vpt-deep"): 3e-3, ("cifar10-1k", "davpt"): 3e-3, ("cifar10-1k", "viapt"): 1e-3,
+              ("cifar10-1k", "vapt"): 1e-3, ("struct-count-1k", "davpt"): 1e-3}
+    sel = {r["method"]: r for r in m.selected_table(runs, chosen)}
+    assert {r["task"] for r in m.selected_table(runs, chosen)} == {"cifar10-1k"}
+    assert len(sel) == 9 and "vpt-deep" not in sel
+    want = paired_difference([83.0, 81.0], [82.0, 81.5])
+    assert sel["davpt"]["n"] == 2 and sel["davpt"]["p"] == pytest.approx(want)
+    assert sel["viapt"]["p"] == pytest.approx(paired_difference([70.0, 72.0, 71.0], [82.0, 81.5, 80.0]))
+    assert sel["vapt"]["p"] is None and sel["linear"]["lr"] is None
+    md = m.selected_markdown(list(sel.values()))
+    assert f"| cifar10-1k | davpt | 3e-3 | 3e-3 | 2 | {stated(want)} | no |" in md      # not resolved: not bold
+    assert "| cifar10-1k | vapt | 1e-3 | 3e-3 | 0 | finals at this rate not run yet | |" in md
+    assert "| cifar10-1k | linear | not selected yet | 3e-3 | 0 | — | |" in md
+    line = next(l for l in md.splitlines() if l.startswith("| cifar10-1k | viapt |"))
+    assert line.startswith("| cifar10-1k | viapt | 1e-3 | 3e-3 | 3 | −10.17 [") and line.endswith("] | yes |")
+    for name in ("a", "b"):
+        (tmp_path / "results" / name).mkdir(parents=True)
+        (tmp_path / "results" / name / "selection.csv").write_text(
+            "task,method,lr,n_seeds,val_images,mean_last_val_acc,chosen\r\ncifar10-1k,davpt,0.003,2,2000,82.60,1\r\n")
+    monkeypatch.setattr(m, "ROOT", tmp_path)
+    with pytest.raises(ValueError, match="chosen twice"):
+        m.selections()

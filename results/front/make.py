@@ -1,9 +1,10 @@
 """The README's front table: every committed paired comparison with VPT-Deep after the fixes of 2026-11-25/12-01,
 read from the per-run CSVs (each row holds the command that made it) and written as paired.csv (the columns of
 issue 17), paired.md and paired_forest.png (one panel per task), and put into the README's front table and
-RESULTS.md's bar table (where issue 17's ±1.5 bar stands and the seeds it would take) and compute table. Run from the
-repository root: python results/front/make.py, then re-execute lesson 07, whose section 6.3 prints paired.csv
-(pytest --nbval compares it).
+RESULTS.md's bar table (where issue 17's ±1.5 bar stands and the seeds it would take), selected-rate table (each
+method at the learning rate validation chose for it against VPT-Deep at its own, from the committed selection.csv
+files) and compute table. Run from the repository root: python results/front/make.py, then re-execute lesson 07,
+whose section 6.3 prints paired.csv and the selected-rate table (pytest --nbval compares them).
 
 Which runs pair with which: a seed fixes the split and the batch order for every method, and the runs below share the
 recipe (default preset: 20 epochs, 112 px, lr 1e-3; fp32) and the test images of their task, so each method pairs with
@@ -17,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from vapt_min.config import METHODS  # noqa: E402
-from vapt_min.evidence import paired_markdown, paired_table, seeds_for_half_width, write_paired_csv  # noqa: E402
+from vapt_min.evidence import (paired_difference, paired_markdown, paired_table, seeds_for_half_width,  # noqa: E402
+                               write_paired_csv)
 from vapt_min.grid import lr_from_command  # noqa: E402
 
 SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it: all when not given])
@@ -34,6 +36,8 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     # 2026-12-07: VPT-Deep at the learning rate validation chose for it on CIFAR-10-1k (3e-3; its default 1e-3 is the
     # reference every row pairs with), seeds 0-5 on the same 2,000 test images
     ("results/issue17/cifar10_vptdeep_lr3e-3.csv", {"vpt-deep": "vpt-deep, lr 3e-3 (selected)"}),
+    # 2026-12-07, later: DA-VPT at the rate validation chose for it on CIFAR-10-1k (3e-3), seeds 0-4, the same images
+    ("results/issue17/cifar10_davpt_lr3e-3.csv", {"davpt": "davpt, lr 3e-3 (selected)"}),
     ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                           "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
@@ -174,6 +178,72 @@ def bar_markdown(bar) -> str:
     return "\n".join(out)
 
 
+def selections() -> dict:
+    """Every committed choice of issue 17's learning-rate selection, (task, method) → the chosen rate, read from the
+    selection.csv files under results/ (`--select-lr` writes one per grid; each method and task is chosen once: a
+    second choice for it is refused, so that the table below cannot quietly take one of two)."""
+    out = {}
+    for path in sorted((ROOT / "results").rglob("*selection.csv")):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["chosen"].strip() == "1":
+                    if (r["task"], r["method"]) in out:
+                        raise ValueError(f"{r['method']} on {r['task']} is chosen twice (again in {path}): keep one "
+                                         "selection.csv per method and task")
+                    out[(r["task"], r["method"])] = float(r["lr"])
+    return out
+
+
+def sci(lr: float) -> str:
+    """A learning rate as the labels and tables write it: 0.003 → "3e-3"."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def at_rate(runs, task, method, lr) -> dict:
+    """seed → test accuracy (%) of method's runs on task at learning rate lr: the rows labelled with the method itself
+    (it ran at its default) or '<method>, lr <lr> (selected)' (the finals at a rate validation chose instead)."""
+    names = (method, f"{method}, lr {sci(lr)} (selected)")
+    return {r["seed"]: 100 * r["test_acc"] for r in runs
+            if r["task"] == task and r["label"] in names and float(r["lr"]) == lr}
+
+
+def selected_table(runs, chosen) -> list[dict]:
+    """The protocol's comparison where it exists: on every task where VPT-Deep's rate was selected, each method at the
+    rate validation chose for it against VPT-Deep at its own chosen rate, paired on the seeds both have. A method not
+    yet selected, or whose finals at its chosen rate have not run, is a row that says so (no interval)."""
+    out = []
+    for task in TASKS:
+        if (task, "vpt-deep") not in chosen:
+            continue
+        ref_lr = chosen[(task, "vpt-deep")]
+        ref = at_rate(runs, task, "vpt-deep", ref_lr)
+        for method in (m for m in METHODS if m != "vpt-deep"):
+            lr = chosen.get((task, method))
+            mine = at_rate(runs, task, method, lr) if lr is not None else {}
+            seeds = sorted(mine.keys() & ref.keys())
+            p = paired_difference([mine[s] for s in seeds], [ref[s] for s in seeds]) if len(seeds) >= 2 else None
+            out.append({"task": task, "method": method, "lr": lr, "ref_lr": ref_lr, "n": len(seeds), "p": p})
+    return out
+
+
+def selected_markdown(sel) -> str:
+    def num(x):   # two decimals; one that rounds to ±0.00 gets three, so that "resolved: no" never sits beside "+0.00"
+        return (f"{x:+.2f}" if round(x, 2) or not x else f"{x:+.3f}").replace("-", "−")
+    out = ["| task | method | its selected lr | VPT-Deep's | seeds | − VPT-Deep, both at their selected rates [95 % CI] "
+           "| resolved |", "|---|---|---|---|---|---|---|"]
+    for r in sel:
+        lr = "not selected yet" if r["lr"] is None else sci(r["lr"])
+        if r["p"] is None:
+            what = "—" if r["lr"] is None else "finals at this rate not run yet"
+            out.append(f"| {r['task']} | {r['method']} | {lr} | {sci(r['ref_lr'])} | {r['n']} | {what} | |")
+            continue
+        p = r["p"]
+        sign = "yes" if p["ci_low"] > 0 or p["ci_high"] < 0 else "no"
+        out.append(f"| {r['task']} | {r['method']} | {lr} | {sci(r['ref_lr'])} | {r['n']} | {num(p['mean'])} "
+                   f"[{num(p['ci_low'])}, {num(p['ci_high'])}] | {sign} |")
+    return "\n".join(out)
+
+
 def spent() -> str:
     """The compute behind the committed per-run CSVs: each training run's wall time (wall_time_s; every grid run ran at
     1 thread, so wall hours are CPU-core hours), counted once per command. Files without the column are named."""
@@ -205,11 +275,12 @@ def spent() -> str:
 FRONT_START, FRONT_END = "<!-- front table: python results/front/make.py -->", "<!-- end front table -->"
 COMPUTE_HEAD, COMPUTE_END = "| per-run CSV | runs | hours (1 core each) |", "\n\nLesson executions"
 BAR_START, BAR_END = "<!-- bar table: python results/front/make.py -->", "<!-- end bar table -->"
+SEL_START, SEL_END = "<!-- selected-rate table: python results/front/make.py -->", "<!-- end selected-rate table -->"
 
 
-def write_docs(table, bar):
-    """Put the front table into the README (between its markers), the bar table into RESULTS.md (between its markers)
-    and the compute table into RESULTS.md (up to the paragraph that follows it), the places
+def write_docs(table, bar, sel):
+    """Put the front table into the README (between its markers), the bar and selected-rate tables into RESULTS.md
+    (between their markers) and the compute table into RESULTS.md (up to the paragraph that follows it), the places
     tests/test_results_front.py holds to this script's output."""
     readme = (ROOT / "README.md").read_text()
     a, b = readme.index(FRONT_START) + len(FRONT_START), readme.index(FRONT_END)
@@ -217,6 +288,8 @@ def write_docs(table, bar):
     results = (ROOT / "RESULTS.md").read_text()
     a, b = results.index(BAR_START) + len(BAR_START), results.index(BAR_END)
     results = results[:a] + "\n" + bar_markdown(bar) + "\n" + results[b:]
+    a, b = results.index(SEL_START) + len(SEL_START), results.index(SEL_END)
+    results = results[:a] + "\n" + selected_markdown(sel) + "\n" + results[b:]
     a, b = results.index(COMPUTE_HEAD), results.index(COMPUTE_END)
     (ROOT / "RESULTS.md").write_text(results[:a] + spent() + results[b:])
 
@@ -230,5 +303,6 @@ if __name__ == "__main__":
     (Path(__file__).parent / "paired.md").write_text(md + "\n")
     from vapt_min.plots import plot_forest   # matplotlib only here: the tests import this file for its tables
     plot_forest(table, TASKS).savefig(Path(__file__).parent / "paired_forest.png", dpi=110)
-    write_docs(table, bar)
-    print(md, readme_table(table), bar_markdown(bar), spent(), sep="\n\n")
+    sel = selected_table(runs, selections())
+    write_docs(table, bar, sel)
+    print(md, readme_table(table), bar_markdown(bar), selected_markdown(sel), spent(), sep="\n\n")
