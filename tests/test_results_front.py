@@ -174,7 +174,8 @@ def test_committed_learning_rate_selections_match_their_runs_and_never_scored_te
 def test_selected_rate_table_pairs_each_method_at_its_chosen_rate_with_vpt_deep_at_its_own(tmp_path, monkeypatch):
     """Hand-made rows: a method whose chosen rate is not its default pairs through its '(selected)' rows, one at its
     default through its own; a variant label at the same rate is not taken; a choice without finals and a method not
-    selected say so; a task without VPT-Deep's choice has no rows; a method chosen twice is refused."""
+    selected say so; a choice at the top of the method's learning-rate grid says so; a task without VPT-Deep's choice
+    has no rows; a method chosen twice is refused."""
     from vapt_min.evidence import paired_difference
     m = make()
     acc = {("vpt-deep", 1e-3): [80.0, 81.0, 79.0], ("vpt-deep, lr 3e-3 (selected)", 3e-3): [82.0, 81.5, 80.0],
@@ -193,11 +194,12 @@ def test_selected_rate_table_pairs_each_method_at_its_chosen_rate_with_vpt_deep_
     assert sel["viapt"]["p"] == pytest.approx(paired_difference([70.0, 72.0, 71.0], [82.0, 81.5, 80.0]))
     assert sel["vapt"]["p"] is None and sel["linear"]["lr"] is None
     md = m.selected_markdown(list(sel.values()))
-    assert f"| cifar10-1k | davpt | 3e-3 | 3e-3 | 2 | {stated(want)} | no |" in md      # not resolved: not bold
-    assert "| cifar10-1k | vapt | 1e-3 | 3e-3 | 0 | finals at this rate not run yet | |" in md
-    assert "| cifar10-1k | linear | not selected yet | 3e-3 | 0 | — | |" in md
+    top = "3e-3 (top of its grid)"     # grid.LR_GRID's largest for both: a better rate may lie beyond, untested
+    assert f"| cifar10-1k | davpt | {top} | {top} | 2 | {stated(want)} | no |" in md      # not resolved: not bold
+    assert f"| cifar10-1k | vapt | 1e-3 (top of its grid) | {top} | 0 | finals at this rate not run yet | |" in md
+    assert f"| cifar10-1k | linear | not selected yet | {top} | 0 | — | |" in md
     line = next(l for l in md.splitlines() if l.startswith("| cifar10-1k | viapt |"))
-    assert line.startswith("| cifar10-1k | viapt | 1e-3 | 3e-3 | 3 | −10.17 [") and line.endswith("] | yes |")
+    assert line.startswith(f"| cifar10-1k | viapt | 1e-3 | {top} | 3 | −10.17 [") and line.endswith("] | yes |")
     for name in ("a", "b"):
         (tmp_path / "results" / name).mkdir(parents=True)
         (tmp_path / "results" / name / "selection.csv").write_text(

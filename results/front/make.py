@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from vapt_min.config import METHODS  # noqa: E402
 from vapt_min.evidence import (paired_difference, paired_markdown, paired_table, seeds_for_half_width,  # noqa: E402
                                write_paired_csv)
-from vapt_min.grid import lr_from_command  # noqa: E402
+from vapt_min.grid import LR_GRID, lr_from_command  # noqa: E402
 
 SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it: all when not given])
     # MNIST-1k from the whole-test-set files at the end (10,000 test images), not these 2,000-image runs
@@ -210,7 +210,12 @@ def at_rate(runs, task, method, lr) -> dict:
 def selected_table(runs, chosen) -> list[dict]:
     """The protocol's comparison where it exists: on every task where VPT-Deep's rate was selected, each method at the
     rate validation chose for it against VPT-Deep at its own chosen rate, paired on the seeds both have. A method not
-    yet selected, or whose finals at its chosen rate have not run, is a row that says so (no interval)."""
+    yet selected, or whose finals at its chosen rate have not run, is a row that says so (no interval). "edge" names a
+    choice at the top or the bottom of the method's grid (grid.LR_GRID, for VPT-Deep too): the best rate may lie
+    beyond it, untested."""
+    def edge(method, lr):
+        grid = LR_GRID[method]
+        return "top" if lr == max(grid) else "bottom" if lr == min(grid) else ""
     out = []
     for task in TASKS:
         if (task, "vpt-deep") not in chosen:
@@ -222,7 +227,8 @@ def selected_table(runs, chosen) -> list[dict]:
             mine = at_rate(runs, task, method, lr) if lr is not None else {}
             seeds = sorted(mine.keys() & ref.keys())
             p = paired_difference([mine[s] for s in seeds], [ref[s] for s in seeds]) if len(seeds) >= 2 else None
-            out.append({"task": task, "method": method, "lr": lr, "ref_lr": ref_lr, "n": len(seeds), "p": p})
+            out.append({"task": task, "method": method, "lr": lr, "ref_lr": ref_lr, "n": len(seeds), "p": p,
+                        "edge": edge(method, lr) if lr is not None else "", "ref_edge": edge("vpt-deep", ref_lr)})
     return out
 
 
@@ -231,15 +237,16 @@ def selected_markdown(sel) -> str:
         return (f"{x:+.2f}" if round(x, 2) or not x else f"{x:+.3f}").replace("-", "−")
     out = ["| task | method | its selected lr | VPT-Deep's | seeds | − VPT-Deep, both at their selected rates [95 % CI] "
            "| resolved |", "|---|---|---|---|---|---|---|"]
+    at = lambda lr, edge: sci(lr) + (f" ({edge} of its grid)" if edge else "")
     for r in sel:
-        lr = "not selected yet" if r["lr"] is None else sci(r["lr"])
+        lr = "not selected yet" if r["lr"] is None else at(r["lr"], r["edge"])
         if r["p"] is None:
             what = "—" if r["lr"] is None else "finals at this rate not run yet"
-            out.append(f"| {r['task']} | {r['method']} | {lr} | {sci(r['ref_lr'])} | {r['n']} | {what} | |")
+            out.append(f"| {r['task']} | {r['method']} | {lr} | {at(r['ref_lr'], r['ref_edge'])} | {r['n']} | {what} | |")
             continue
         p = r["p"]
         sign = "yes" if p["ci_low"] > 0 or p["ci_high"] < 0 else "no"
-        out.append(f"| {r['task']} | {r['method']} | {lr} | {sci(r['ref_lr'])} | {r['n']} | {num(p['mean'])} "
+        out.append(f"| {r['task']} | {r['method']} | {lr} | {at(r['ref_lr'], r['ref_edge'])} | {r['n']} | {num(p['mean'])} "
                    f"[{num(p['ci_low'])}, {num(p['ci_high'])}] | {sign} |")
     return "\n".join(out)
 
