@@ -65,8 +65,8 @@ EXACT = {  # (lesson, a line of the cell) → why its printed digits cannot drif
                                                                                        "paired table",
     ("07_full_v2apt", "old_table = paired_table(old)"): "committed results and their paired table",
     ("07_full_v2apt", 'with open(root / "results" / "front" / "paired.csv"'): "the committed front table, printed",
-    ("07_full_v2apt", 'sel = front_make.selected_table('): "committed selections and runs, the paired intervals computed "
-                                                             "from them",
+    ("07_full_v2apt", 'sel = front_make.selected_table('): "committed selections and runs, the paired intervals "
+                                                             "computed from them",
     ("07_full_v2apt", 'abl = runs("results/issue16/full_v2apt.csv", names, seeds=(0, 1))'): "committed results",
     ("07_full_v2apt", 'v2 = [r for r in count if r["label"].startswith("V²APT")]'): "committed results",
     ("07_full_v2apt", 'pick = {("cifar10-1k", "V²APT, levers"): after_table'): "MDEs at the committed spreads",

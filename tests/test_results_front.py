@@ -142,8 +142,8 @@ SELECTIONS = sorted(REPO.glob("results/**/*selection.csv"))
 def test_committed_learning_rate_selections_match_their_runs_and_never_scored_test(path):
     """Every committed selection.csv (issue 17's per-method learning rate): each mean is its runs' mean last-epoch
     validation accuracy, the chosen rate is the best mean (one per method and task), the runs built no test split and
-    used seeds no final run uses, and RESULTS.md states each chosen mean in bold. Recomputed here from the *_runs.csv beside it,
-    not through vapt_min.selection, so that a wrong rule there would show."""
+    used seeds no final run uses, and RESULTS.md states each chosen mean in bold. Recomputed here from the *_runs.csv
+    beside it, not through vapt_min.selection, so that a wrong rule there would show."""
     runs = list(csv.DictReader(open(path.with_name(path.stem + "_runs.csv"), newline="")))
     table = list(csv.DictReader(open(path, newline="")))
     assert runs and table
@@ -158,11 +158,10 @@ def test_committed_learning_rate_selections_match_their_runs_and_never_scored_te
     for (task, method), rows in groups.items():
         means = {}
         for t in rows:
-            mine = [float(r["last_val_acc"]) for r in runs
-                    if (r["task"], r["label"], float(r["lr"])) == (task, method, float(t["lr"]))]
+            these = [r for r in runs if (r["task"], r["label"], float(r["lr"])) == (task, method, float(t["lr"]))]
+            mine = [float(r["last_val_acc"]) for r in these]
             assert len(mine) == int(t["n_seeds"]) >= 2, (method, t["lr"])
-            assert int(t["val_images"]) == sum(int(r["n_val"]) for r in runs
-                                               if (r["task"], r["label"], float(r["lr"])) == (task, method, float(t["lr"])))
+            assert int(t["val_images"]) == sum(int(r["n_val"]) for r in these)
             assert float(t["mean_last_val_acc"]) == pytest.approx(100 * np.mean(mine), abs=0.006)
             means[float(t["lr"])] = 100 * np.mean(mine)
         chosen = [float(t["lr"]) for t in rows if t["chosen"].strip() == "1"]

@@ -235,19 +235,18 @@ def selected_table(runs, chosen) -> list[dict]:
 def selected_markdown(sel) -> str:
     def num(x):   # two decimals; one that rounds to ±0.00 gets three, so that "resolved: no" never sits beside "+0.00"
         return (f"{x:+.2f}" if round(x, 2) or not x else f"{x:+.3f}").replace("-", "−")
-    out = ["| task | method | its selected lr | VPT-Deep's | seeds | − VPT-Deep, both at their selected rates [95 % CI] "
-           "| resolved |", "|---|---|---|---|---|---|---|"]
     at = lambda lr, edge: sci(lr) + (f" ({edge} of its grid)" if edge else "")
+    out = ["| task | method | its selected lr | VPT-Deep's | seeds "
+           "| − VPT-Deep, both at their selected rates [95 % CI] | resolved |", "|---|---|---|---|---|---|---|"]
     for r in sel:
         lr = "not selected yet" if r["lr"] is None else at(r["lr"], r["edge"])
-        if r["p"] is None:
-            what = "—" if r["lr"] is None else "finals at this rate not run yet"
-            out.append(f"| {r['task']} | {r['method']} | {lr} | {at(r['ref_lr'], r['ref_edge'])} | {r['n']} | {what} | |")
-            continue
+        head = f"| {r['task']} | {r['method']} | {lr} | {at(r['ref_lr'], r['ref_edge'])} | {r['n']} |"
         p = r["p"]
-        sign = "yes" if p["ci_low"] > 0 or p["ci_high"] < 0 else "no"
-        out.append(f"| {r['task']} | {r['method']} | {lr} | {at(r['ref_lr'], r['ref_edge'])} | {r['n']} | {num(p['mean'])} "
-                   f"[{num(p['ci_low'])}, {num(p['ci_high'])}] | {sign} |")
+        if p is None:
+            out.append(f"{head} {'—' if r['lr'] is None else 'finals at this rate not run yet'} | |")
+        else:
+            sign = "yes" if p["ci_low"] > 0 or p["ci_high"] < 0 else "no"
+            out.append(f"{head} {num(p['mean'])} [{num(p['ci_low'])}, {num(p['ci_high'])}] | {sign} |")
     return "\n".join(out)
 
 
