@@ -38,6 +38,8 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/issue17/cifar10_vptdeep_lr3e-3.csv", {"vpt-deep": "vpt-deep, lr 3e-3 (selected)"}),
     # 2026-12-07, later: DA-VPT at the rate validation chose for it on CIFAR-10-1k (3e-3), seeds 0-4, the same images
     ("results/issue17/cifar10_davpt_lr3e-3.csv", {"davpt": "davpt, lr 3e-3 (selected)"}),
+    # the same sitting, later: the linear probe at the rate validation chose for it (3e-4, the bottom of its grid)
+    ("results/issue17/cifar10_linear_lr3e-4.csv", {"linear": "linear, lr 3e-4 (selected)"}),
     ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                           "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
