@@ -108,11 +108,15 @@ def rows():
     return out
 
 
+def signed(x: float, digits: int) -> str:
+    """A signed figure with the typographic minus, to `digits` decimals; one that rounds to ±0 there gets one more, so
+    that an interval ending at −0.02 does not read "−0.0" beside "resolved: yes" (nor +0.002 "+0.00" beside "no")."""
+    return (f"{x:+.{digits}f}" if round(x, digits) or not x else f"{x:+.{digits + 1}f}").replace("-", "−")
+
+
 def readme_table(table) -> str:
     """The README's compact form: one line per task and method, the interval and whether it excludes 0."""
-    def num(x):  # a signed figure with the typographic minus; one that rounds to ±0.0 gets two decimals, so that an
-        # interval ending at −0.02 does not read "−0.0" beside "resolved: yes"
-        return (f"{x:+.1f}" if round(x, 1) or not x else f"{x:+.2f}").replace("-", "−")
+    num = lambda x: signed(x, 1)
     out = ["| task | method | seeds | test acc (%) | − VPT-Deep, paired [95 % CI] | MDE | resolved |",
            "|---|---|---|---|---|---|---|"]
     for r in table:
@@ -235,8 +239,7 @@ def selected_table(runs, chosen) -> list[dict]:
 
 
 def selected_markdown(sel) -> str:
-    def num(x):   # two decimals; one that rounds to ±0.00 gets three, so that "resolved: no" never sits beside "+0.00"
-        return (f"{x:+.2f}" if round(x, 2) or not x else f"{x:+.3f}").replace("-", "−")
+    num = lambda x: signed(x, 2)
     at = lambda lr, edge: sci(lr) + (f" ({edge} of its grid)" if edge else "")
     out = ["| task | method | its selected lr | VPT-Deep's | seeds "
            "| − VPT-Deep, both at their selected rates [95 % CI] | resolved |", "|---|---|---|---|---|---|---|"]
@@ -290,14 +293,14 @@ def write_docs(table, bar, sel):
     """Put the front table into the README (between its markers), the bar and selected-rate tables into RESULTS.md
     (between their markers) and the compute table into RESULTS.md (up to the paragraph that follows it), the places
     tests/test_results_front.py holds to this script's output."""
+    def put(text, start, end, table):   # the table between a pair of markers, replacing what was there
+        a, b = text.index(start) + len(start), text.index(end)
+        return text[:a] + "\n" + table + "\n" + text[b:]
     readme = (ROOT / "README.md").read_text()
-    a, b = readme.index(FRONT_START) + len(FRONT_START), readme.index(FRONT_END)
-    (ROOT / "README.md").write_text(readme[:a] + "\n" + readme_table(table) + "\n" + readme[b:])
+    (ROOT / "README.md").write_text(put(readme, FRONT_START, FRONT_END, readme_table(table)))
     results = (ROOT / "RESULTS.md").read_text()
-    a, b = results.index(BAR_START) + len(BAR_START), results.index(BAR_END)
-    results = results[:a] + "\n" + bar_markdown(bar) + "\n" + results[b:]
-    a, b = results.index(SEL_START) + len(SEL_START), results.index(SEL_END)
-    results = results[:a] + "\n" + selected_markdown(sel) + "\n" + results[b:]
+    results = put(results, BAR_START, BAR_END, bar_markdown(bar))
+    results = put(results, SEL_START, SEL_END, selected_markdown(sel))
     a, b = results.index(COMPUTE_HEAD), results.index(COMPUTE_END)
     (ROOT / "RESULTS.md").write_text(results[:a] + spent() + results[b:])
 
