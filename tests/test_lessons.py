@@ -123,6 +123,17 @@ def test_ignored_cells_still_check_something(nb):
                         f"passes unseen: add an assert or check_band, or list them in UNCHECKED with the reason: {silent}")
 
 
+@pytest.mark.parametrize("nb", LESSONS + SOLUTIONS, ids=lambda p: p.stem)
+def test_cells_with_saved_outputs_carry_an_execution_count(nb):
+    """nbval refuses a code cell whose saved outputs have no execution count ("Unrun reference cell has outputs"): a
+    cell written or edited outside Jupyter can land that way and fail only in CI's hour-long notebook run."""
+    cells = json.loads(nb.read_text())["cells"]
+    unrun = [(i, "".join(c["source"]).splitlines()[0]) for i, c in enumerate(cells)
+             if c["cell_type"] == "code" and c.get("outputs") and c.get("execution_count") is None]
+    assert not unrun, (f"{nb.name}: code cells with saved outputs but no execution count, which nbval fails as "
+                       f"'Unrun reference cell has outputs': re-run them in Jupyter, or set their execution_count: {unrun}")
+
+
 def test_every_listed_cell_exists():
     """A stale entry would hide nothing today but allow anything tomorrow."""
     sources = {nb.stem: [src for _, src, _ in code_cells(nb)] for nb in LESSONS}
