@@ -114,6 +114,11 @@ def signed(x: float, digits: int) -> str:
     return (f"{x:+.{digits}f}" if round(x, digits) or not x else f"{x:+.{digits + 1}f}").replace("-", "−")
 
 
+def resolved(low: float, high: float) -> str:
+    """The tables' "resolved" column: does the 95 % interval exclude 0?"""
+    return "yes" if low > 0 or high < 0 else "no"
+
+
 def readme_table(table) -> str:
     """The README's compact form: one line per task and method, the interval and whether it excludes 0."""
     num = lambda x: signed(x, 1)
@@ -123,9 +128,9 @@ def readme_table(table) -> str:
         if r["method"] == "vpt-deep":
             out.append(f"| {r['task']} | VPT-Deep | {r['n_seeds']} | {r['mean_acc']:.1f} | reference | | |")
         elif r["ci_low"] is not None:
-            sign = "yes" if r["ci_low"] > 0 or r["ci_high"] < 0 else "no"
             out.append(f"| {r['task']} | {r['method']} | {r['n_seeds']} | {r['mean_acc']:.1f} | {num(r['mean_diff'])} "
-                       f"[{num(r['ci_low'])}, {num(r['ci_high'])}] | {r['mde']:.1f} | {sign} |")
+                       f"[{num(r['ci_low'])}, {num(r['ci_high'])}] | {r['mde']:.1f} | "
+                       f"{resolved(r['ci_low'], r['ci_high'])} |")
     return "\n".join(out)
 
 
@@ -250,8 +255,8 @@ def selected_markdown(sel) -> str:
         if p is None:
             out.append(f"{head} {'—' if r['lr'] is None else 'finals at this rate not run yet'} | |")
         else:
-            sign = "yes" if p["ci_low"] > 0 or p["ci_high"] < 0 else "no"
-            out.append(f"{head} {num(p['mean'])} [{num(p['ci_low'])}, {num(p['ci_high'])}] | {sign} |")
+            out.append(f"{head} {num(p['mean'])} [{num(p['ci_low'])}, {num(p['ci_high'])}] | "
+                       f"{resolved(p['ci_low'], p['ci_high'])} |")
     return "\n".join(out)
 
 
