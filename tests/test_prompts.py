@@ -163,3 +163,26 @@ def test_prompt_dropout_acts_on_learnable_prompts_only(dropout_on):
 def test_unknown_dropout_rule_is_named():
     with pytest.raises(ValueError, match="--prompt-dropout-on: unknown 'some'"):
         PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8), dropout_on="some")
+
+
+def test_head_starts_at_zero_by_default_and_at_the_official_vpt_init_on_request():
+    """zero: every logit 0 and, through the head, no gradient for the prompts at the first step (the plateau at chance
+    the structured tasks showed); vpt: He-normal weights over fan_out (std √(2/classes)), the bias at nn.Linear's."""
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    zero = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8)).eval()
+    logits, _ = zero(x)
+    assert torch.equal(logits, torch.zeros(4, 5))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert torch.equal(zero.generator.prompts.grad, torch.zeros_like(zero.generator.prompts))
+    torch.manual_seed(0)
+    big = PromptedViT(tiny_vit(), 500, DeepPrompts(P, D, L, 8), head_init="vpt").eval()
+    assert big.head.weight.std().item() == pytest.approx(math.sqrt(2 / 500), rel=0.05)
+    assert big.head.weight.mean().abs().item() < 0.01 and big.head.bias.abs().max().item() <= 1 / math.sqrt(D)
+    assert big.head.bias.abs().sum().item() > 0
+    vpt = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8), head_init="vpt").eval()
+    logits, _ = vpt(x)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert vpt.generator.prompts.grad.abs().sum().item() > 0
+    with pytest.raises(ValueError, match="--head-init: unknown 'ones'"):
+        PromptedViT(tiny_vit(), 5, head_init="ones")

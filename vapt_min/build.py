@@ -58,7 +58,7 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
     """Config → model: one constructor call per method, by keyword. The constructors check their own options."""
     L, D, p, grid = len(vit.blocks), vit.dim, vit.patch_size, cfg.img_size // vit.patch_size
     if cfg.method in ("linear", "full"):
-        return PromptedViT(vit, num_classes, train_backbone=cfg.method == "full")
+        return PromptedViT(vit, num_classes, train_backbone=cfg.method == "full", head_init=cfg.head_init)
     guided = cfg.method in ("davpt", "davpt+") or (cfg.method == "full-v2apt" and cfg.guide)
     guide = dict(guided_layers=guided_blocks(cfg.mg_layers, L), num_guided=cfg.mg_prompts, lambda_visual=cfg.mg_visual,
                  lambda_cls=cfg.mg_cls, alpha=cfg.mg_alpha, delta=cfg.mg_delta, normalise=cfg.mg_normalise,
@@ -89,7 +89,8 @@ def build_model(cfg: Config, vit: ViT, num_classes: int) -> PromptedViT:
                                guide=dict(blocks=vit.blocks, num_classes=num_classes, **guide) if cfg.guide else None)
     else:
         raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    model = PromptedViT(vit, num_classes, gen, prompt_dropout=cfg.prompt_dropout, dropout_on=cfg.prompt_dropout_on)
+    model = PromptedViT(vit, num_classes, gen, prompt_dropout=cfg.prompt_dropout, dropout_on=cfg.prompt_dropout_on,
+                        head_init=cfg.head_init)
     if cfg.method == "davpt+" or (cfg.method == "full-v2apt" and cfg.kv_bias):
         enable_bias_tuning(vit, extended=cfg.bias_extended)  # after PromptedViT, which freezes the whole backbone
     return model

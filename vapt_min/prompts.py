@@ -158,7 +158,8 @@ class PromptedViT(nn.Module):
     """
 
     def __init__(self, vit: ViT, num_classes: int, generator: nn.Module | None = None,
-                 prompt_dropout: float = 0.0, train_backbone: bool = False, dropout_on: str = "learnable"):
+                 prompt_dropout: float = 0.0, train_backbone: bool = False, dropout_on: str = "learnable",
+                 head_init: str = "zero"):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -178,8 +179,14 @@ class PromptedViT(nn.Module):
             if isinstance(part, PromptGenerator):   # every part of a composed generator drops its own prompts
                 object.__setattr__(part, "_dropout", self.prompt_dropout)
         self.head = nn.Linear(vit.dim, num_classes)
-        nn.init.zeros_(self.head.weight)  # start at loss = ln(classes): timm does so only in its JAX-style init
-        nn.init.zeros_(self.head.bias)
+        if head_init == "zero":   # start at loss = ln(classes): timm does so only in its JAX-style init
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif head_init == "vpt":  # the official VPT's MLP head: He-normal over fan_out, the bias left at nn.Linear's
+            nn.init.kaiming_normal_(self.head.weight, a=0, mode="fan_out")
+        else:
+            raise ValueError(f"--head-init: unknown {head_init!r}: use zero (this package's default) or vpt (the "
+                             "official VPT code's)")
 
     def train(self, mode: bool = True):
         super().train(mode)
