@@ -74,6 +74,8 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/struct/orientation/viapt_vapt_fullv2apt.csv", {m: m for m in ("viapt", "vapt", "full-v2apt")}),
     # 2026-12-07, evening: VPT-Deep and DA-VPT on struct-orientation, seeds 5-8 (DA-VPT's seed 6 never leaves chance)
     ("results/struct/orientation/vptdeep_davpt_seeds5-8.csv", {m: m for m in ("vpt-deep", "davpt")}),
+    # 2026-12-07, evening: DA-VPT+ on struct-orientation, seeds 5-8 (paired with VPT-Deep's just above)
+    ("results/struct/orientation/davptplus_seeds5-8.csv", {"davpt+": "davpt+"}),
     # 2026-12-02, evening: the 10-shot grid, every method
     ("results/issue17/cifar10_10shot.csv", {m: m for m in ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt",
                                                              "viapt", "vapt", "davpt", "davpt+", "full-v2apt")}),
