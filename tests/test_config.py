@@ -56,7 +56,7 @@ def test_help_lists_every_option():
     (["--optimizer", "adam"], "unknown optimizer 'adam': use adamw or sgd"),
     (["--precision", "fp16"], "unknown precision 'fp16': use auto, bf16 or fp32"),
     (["--attention", "flash"], "unknown attention 'flash': use auto, sdpa or explicit"),
-    (["--head-init", "kaiming"], "unknown head_init 'kaiming': use zero or vpt"),
+    (["--head-init", "kaiming"], "unknown head_init 'kaiming': use zero, timm or vpt"),
     # contradictory options: caught by Config.validate, before any data or weights load
     (["--shots", "5"], "--shots 5 needs --protocol shots \\(the protocol is 'vtab1k'\\)"),
     (["--protocol", "shots", "--shots", "-2"], r"protocol 'shots' needs shots=k \(--shots K\) with k >= 1 images per class, got -2"),

@@ -184,5 +184,9 @@ def test_head_starts_at_zero_by_default_and_at_the_official_vpt_init_on_request(
     logits, _ = vpt(x)
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
     assert vpt.generator.prompts.grad.abs().sum().item() > 0
+    torch.manual_seed(0)
+    timm = PromptedViT(tiny_vit(), 500, DeepPrompts(P, D, L, 8), head_init="timm").eval()
+    assert timm.head.weight.std().item() == pytest.approx(0.02, rel=0.05)  # cut at ±2 absolute, as timm's: 100 std
+    assert timm.head.weight.abs().max().item() <= 2 and torch.equal(timm.head.bias, torch.zeros(500))
     with pytest.raises(ValueError, match="--head-init: unknown 'ones'"):
         PromptedViT(tiny_vit(), 5, head_init="ones")

@@ -121,8 +121,9 @@ class Config:
                                               "VAPT codes (never on generated or carried prompts); all: every prompt "
                                               "entering a block (this package before 2026-11-25)")
     head_init: str = opt("zero", "the new head's start: zero (every logit 0, the loss ln(classes); the prompts get no "
-                                 "gradient until the head has grown) or vpt (the official VPT code's He-normal "
-                                 "weights over fan_out: the prompts get a gradient from the first step)")
+                                 "gradient from the cross-entropy until the head has grown), timm (timm's default "
+                                 "ViT init: truncated normal, std 0.02, bias 0) or vpt (the official VPT code's "
+                                 "He-normal weights over fan_out, std √(2/classes): large first logits)")
     epochs: int = opt(20, "training epochs")
     batch_size: int = opt(32, "batch size (the global batch under torchrun: split over the processes)")
     optimizer: str = opt("adamw", "adamw (V²APT's recipe) or sgd (VPT's, momentum 0.9)")
@@ -160,7 +161,7 @@ class Config:
         choose("precision", ("auto", "bf16", "fp32"))
         choose("attention", ("auto", "sdpa", "explicit"))
         choose("prompt_dropout_on", ("learnable", "all"))
-        choose("head_init", ("zero", "vpt"))
+        choose("head_init", ("zero", "timm", "vpt"))
         check_protocol(self.protocol, self.n_train, self.n_val, self.shots, self.percent, self.test_cap)
         check_input_size(self.img_size, parse_name(self.model)["patch_size"])
         for name in ("epochs", "batch_size"):

@@ -184,9 +184,12 @@ class PromptedViT(nn.Module):
             nn.init.zeros_(self.head.bias)
         elif head_init == "vpt":  # the official VPT's MLP head: He-normal over fan_out, the bias left at nn.Linear's
             nn.init.kaiming_normal_(self.head.weight, a=0, mode="fan_out")
+        elif head_init == "timm":  # timm's default ViT init of a Linear: truncated normal, std 0.02, bias 0
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
         else:
-            raise ValueError(f"--head-init: unknown {head_init!r}: use zero (this package's default) or vpt (the "
-                             "official VPT code's)")
+            raise ValueError(f"--head-init: unknown {head_init!r}: use zero (this package's default), timm (timm's "
+                             "default ViT init, std 0.02) or vpt (the official VPT code's)")
 
     def train(self, mode: bool = True):
         super().train(mode)
