@@ -165,9 +165,10 @@ def test_unknown_dropout_rule_is_named():
         PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8), dropout_on="some")
 
 
-def test_head_starts_at_zero_by_default_and_at_the_official_vpt_init_on_request():
+def test_head_starts_at_zero_by_default_and_at_timm_or_the_official_vpt_init_on_request():
     """zero: every logit 0 and, through the head, no gradient for the prompts at the first step (the plateau at chance
-    the structured tasks showed); vpt: He-normal weights over fan_out (std √(2/classes)), the bias at nn.Linear's."""
+    the structured tasks showed); vpt: He-normal weights over fan_out (std √(2/classes)), the bias at nn.Linear's;
+    timm: std 0.02, bias 0."""
     x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(0)
     zero = PromptedViT(tiny_vit(), 5, DeepPrompts(P, D, L, 8)).eval()

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .data import DATA_ENV, PROTOCOLS, check_protocol
+from .prompts import HEAD_INITS
 from .vit import check_input_size, parse_name
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "v2apt", "viapt", "vapt", "davpt", "davpt+", "full-v2apt")
@@ -161,7 +162,7 @@ class Config:
         choose("precision", ("auto", "bf16", "fp32"))
         choose("attention", ("auto", "sdpa", "explicit"))
         choose("prompt_dropout_on", ("learnable", "all"))
-        choose("head_init", ("zero", "timm", "vpt"))
+        choose("head_init", HEAD_INITS)
         check_protocol(self.protocol, self.n_train, self.n_val, self.shots, self.percent, self.test_cap)
         check_input_size(self.img_size, parse_name(self.model)["patch_size"])
         for name in ("epochs", "batch_size"):

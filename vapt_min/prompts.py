@@ -148,6 +148,9 @@ class DeepPrompts(PromptGenerator):
         return self.drop(self.prompts[i].expand(tokens.shape[0], -1, -1))  # (B, P, D)
 
 
+HEAD_INITS = ("zero", "timm", "vpt")   # --head-init: how PromptedViT starts its new head
+
+
 class PromptedViT(nn.Module):
     """A ViT with a new linear head and an optional prompt generator.
 
@@ -188,8 +191,9 @@ class PromptedViT(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
         else:
-            raise ValueError(f"--head-init: unknown {head_init!r}: use zero (this package's default), timm (timm's "
-                             "default ViT init, std 0.02) or vpt (the official VPT code's)")
+            raise ValueError(f"--head-init: unknown {head_init!r}: use one of {', '.join(HEAD_INITS)} (zero: this "
+                             "package's default; timm: timm's default ViT init, std 0.02; vpt: the official VPT "
+                             "code's)")
 
     def train(self, mode: bool = True):
         super().train(mode)
