@@ -40,6 +40,8 @@ SOURCES = [  # (file, {label in the file: label here}[, the tasks taken from it:
     ("results/issue17/cifar10_davpt_lr3e-3.csv", {"davpt": "davpt, lr 3e-3 (selected)"}),
     # the same sitting, later: the linear probe at the rate validation chose for it (3e-4, the bottom of its grid)
     ("results/issue17/cifar10_linear_lr3e-4.csv", {"linear": "linear, lr 3e-4 (selected)"}),
+    # 2026-12-07, night: the full V²APT at the rate validation chose for it (3e-3, the top of its grid), seeds 0-4
+    ("results/issue17/cifar10_fullv2apt_lr3e-3.csv", {"full-v2apt": "full-v2apt, lr 3e-3 (selected)"}),
     ("results/struct/count/results.csv", {"vpt-deep": "vpt-deep", "v2apt levers": "v2apt",
                                           "v2apt": "v2apt, the paper's letter", "viapt": "viapt", "vapt": "vapt",
                                           "full-v2apt": "full-v2apt, VAE at the letter"}),
