@@ -509,3 +509,52 @@ def test_a_finished_folder_of_another_v2apt_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vpt-deep"):
         check_reuse(deep, ["--method", "vpt-shallow"])
     check_reuse(tmp_path / "never-ran", ["--method", "v2apt"])        # no folder: nothing to check
+
+
+# --------------------------------------------------------------------------------------- rescore: the whole test set
+def test_rescore_gives_what_the_run_would_have_scored_on_the_whole_test_set(real, tmp_path, capsys):
+    """bench rescore scores a run trained with --test-cap 20 on the whole test set from its checkpoints: what the same
+    run trained with --test-cap none reports (the cap never touches training), for the last and the best-validation
+    checkpoint; each score is first checked against what the run recorded on its own 20 images."""
+    from vapt_min.rescore import rescore
+    # the real weights: load_run rebuilds the backbone from them (random ones would be drawn anew)
+    # MNIST's 10,000 test images, no JPEG to decode; the linear probe, the cheapest model to score them with
+    args = [*TINY_RUN, "--weights", "auto", "--epochs", "3", "--dataset", "mnist", "--method", "linear"]
+    capped = T.train(T.config_from_args([*args, "--out", str(tmp_path / "capped")]))
+    whole = T.train(T.config_from_args([*args, "--test-cap", "none", "--out", str(tmp_path / "whole")]))
+    assert capped["best_epoch"] < 3, "the best-validation checkpoint must be an earlier epoch's for this test to bite"
+    assert whole["test_acc"] != capped["test_acc"]   # 20 images against 10,000: the check below can fail
+
+    def results(path, test_acc=capped["test_acc"], folder="capped"):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, ["label", "task", "seed", "test_acc", "best_val_test_acc", "wall_time_s", "command"])
+            w.writeheader()
+            w.writerow({"label": "linear", "task": "mnist", "seed": 0, "test_acc": test_acc,
+                        "best_val_test_acc": capped["best_val_test_acc"], "wall_time_s": 1.0,
+                        "command": "python -m vapt_min.train " + " ".join(args) + f" --out {tmp_path / folder}"})
+        return path
+
+    rows = rescore(results(tmp_path / "runs.csv"), tmp_path / "whole.csv")
+    assert len(rows) == 1
+    with open(tmp_path / "whole.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["test_acc"]) == whole["test_acc"] and float(row["best_val_test_acc"]) == whole["best_val_test_acc"]
+    assert row["test_images"] == "10000" and row["recorded_test_images"] == "20"
+    assert float(row["recorded_test_acc"]) == capped["test_acc"] and row["wall_time_s"] == "1.0"   # the run's own
+    assert row["command"].endswith(f"--out {tmp_path / 'capped'}") and "bench rescore" not in row["command"]
+    assert "on 20 images → " in capsys.readouterr().out
+    assert rescore(tmp_path / "runs.csv", tmp_path / "whole.csv") == []   # resumes: nothing scored twice
+
+    # a record the checkpoint does not reproduce (one image off) is refused, and nothing is written for it
+    off = capped["test_acc"] + (0.05 if capped["test_acc"] < 1 else -0.05)
+    with pytest.raises(ValueError, match="does not score as the run did"):
+        rescore(results(tmp_path / "off.csv", test_acc=off), tmp_path / "off_whole.csv")
+    assert not (tmp_path / "off_whole.csv").exists()
+    # a run whose folder is gone: an error naming the fix, before any run is scored
+    with pytest.raises(ValueError, match="has no checkpoint .* train it again with --test-cap none"):
+        rescore(results(tmp_path / "gone.csv", folder="gone"), tmp_path / "gone_whole.csv")
+    for bad in ([str(tmp_path / "runs.csv")], [str(tmp_path / "runs.csv"), "--out", str(tmp_path / "runs.csv")],
+                [str(tmp_path / "none.csv"), "--out", str(tmp_path / "x.csv")]):
+        with pytest.raises(SystemExit) as e:
+            main(["rescore", *bad])
+        assert e.value.code == 2

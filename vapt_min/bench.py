@@ -9,6 +9,7 @@
     python -m vapt_min.bench probe --split val runs/v2apt-*     # the same on validation: where recipes are compared
     python -m vapt_min.bench curves runs/davpt-* --keys ce mg_visual mg_cls --png curves.png   # per-epoch curves
     python -m vapt_min.bench accuracy                           # the accuracy grid (grid.py)
+    python -m vapt_min.bench rescore results.csv --out whole.csv   # those runs on the whole test set, from checkpoints
 
 Speed: the training step (train.train_step: forward, loss, backward, optimizer) and inference time of each method on
 the same backbone, batch, precision and attention path as `train.py` would pick. Methods are measured in interleaved
@@ -18,6 +19,9 @@ are to VPT-Deep (and to full fine-tuning when it is measured). Random weights: s
 Infer: for trained V²APT / ViaPT runs, test accuracy and evaluation time with fixed sampling (z = μ, R = 1) and
 multi-round inference (the mean logits of R sampled prompt sets), on the run's own test split and loader. R = 1
 must reproduce the test accuracy the run reported; sampled rounds are seeded, so the table is reproducible.
+
+Rescore: the runs of a per-run CSV scored again on their task's whole test set (10,000 images for CIFAR-10 and
+MNIST) from their checkpoints, each first checked, image for image, against what it recorded on its own test subset.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import csv
 import dataclasses
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -38,6 +43,7 @@ import torch
 from . import grid, probe
 from .build import build_backbone, build_data, build_loaders, build_model, pick_device, use_bf16, validate
 from .config import METHODS, Config, opt, parser_for
+from .rescore import RescoreConfig, rescore
 from .runs import markdown_table
 from .train import evaluate, forward_loss, load_run, sync, train_step
 
@@ -347,6 +353,8 @@ def main(argv=None):
                                            allow_abbrev=False))
     parser_for(CurvesConfig, sub.add_parser("curves", help="per-epoch curves of trained runs (a figure, a CSV)",
                                             allow_abbrev=False))
+    parser_for(RescoreConfig, sub.add_parser("rescore", help="the runs of a per-run CSV scored again on the whole test "
+                                             "set, from their checkpoints", allow_abbrev=False))
     grid.add_parser(sub)
     given = vars(p.parse_args(argv))
     kind = given.pop("bench")
@@ -365,6 +373,12 @@ def main(argv=None):
         a = CurvesConfig(**given)
         try:
             curves(a.runs, a.keys, a.png, a.csv, a.labels or None)
+        except ValueError as e:
+            p.error(str(e))
+    elif kind == "rescore":
+        a = RescoreConfig(**given)
+        try:
+            rescore(a.results, a.out, "python -m vapt_min.bench " + " ".join(map(shlex.quote, argv)))
         except ValueError as e:
             p.error(str(e))
     elif kind == "infer":
