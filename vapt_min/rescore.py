@@ -23,7 +23,7 @@ from .config import opt
 from .data import _capped
 from .grid import option_value
 from .runner import append_row
-from .runs import load_trainable
+from .runs import load_trainable, read_checkpoint
 from .train import load_run
 
 
@@ -42,7 +42,7 @@ def correct_per_image(model, loader, device, bf16: bool) -> torch.Tensor:
 def same_tensors(a: Path, b: Path) -> bool:
     """Do two checkpoints hold the same tensors (names and values)?"""
     from safetensors.torch import load_file
-    x, y = load_file(str(a)), load_file(str(b))
+    x, y = (read_checkpoint(p, lambda: load_file(str(p))) for p in (a, b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
